@@ -1,0 +1,91 @@
+"""The one core: array in, `QuantizedTensor` out. Every public door ends up here."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+from ._checks import (
+    as_real_array,
+    check_block_size,
+    check_finite,
+    check_nonempty,
+    normalize_axis,
+)
+from .blocking import n_blocks, to_blocks
+from .formats import Format, get_format
+from .packing import pack_nibbles
+from .tensor import QuantizedTensor
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """float64 stays float64; everything else (float16, bfloat16, ints, float32) runs in float32."""
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def prepare(array: Any, name: str = "array") -> np.ndarray:
+    """Checked input: a non-empty, finite array of real numbers (TypeError/ValueError otherwise)."""
+    arr = as_real_array(array, name)
+    check_nonempty(arr, name)
+    check_finite(arr, name)
+    return arr
+
+
+def resolve_block(n: int, block_size: int | None) -> int:
+    """None or -1 mean one block per row (per-channel); anything else must be > 0."""
+    if block_size is None or (not isinstance(block_size, bool) and block_size == -1):
+        return n
+    return check_block_size(block_size)
+
+
+def quantize_tensor(
+    array: Any,
+    format: str | Format = "int4",
+    block_size: int | None = 128,
+    axis: int | None = -1,
+    *,
+    clip_ratio: float = 1.0,
+) -> QuantizedTensor:
+    """Quantize `array` block-wise along `axis` with `format`, round to nearest (ties to even).
+
+    block_size: elements per block along `axis`; None or -1 for one block per row. A length not
+    divisible by it gets a padded last block. axis=None flattens the tensor first (with
+    block_size=None: one scale for the whole tensor). clip_ratio in (0, 1] shrinks each block's
+    range before the scale is chosen (values beyond it clip).
+    """
+    fmt = get_format(format)
+    arr = prepare(array)
+    if not (isinstance(clip_ratio, numbers.Real) and 0 < clip_ratio <= 1):
+        raise ValueError(f"clip_ratio must be a number in (0, 1], got {clip_ratio!r}")
+    work = arr.reshape(-1) if axis is None or arr.ndim == 0 else arr
+    ax = 0 if axis is None or arr.ndim == 0 else normalize_axis(axis, arr.ndim)
+    n = work.shape[ax]
+    bs = resolve_block(n, block_size)
+
+    blocks = to_blocks(work.astype(compute_dtype(arr.dtype), copy=False), bs, ax)
+    scale, zp = fmt.choose_params(blocks, clip_ratio)
+    pad = n_blocks(n, bs) * bs - n
+    if pad:  # the padding is stored as the code of 0, whatever value stood in for it
+        blocks[..., -1, bs - pad :] = 0
+    codes = fmt.encode(blocks, scale, zp)
+    flat = codes.reshape(*codes.shape[:-2], -1)
+    data = pack_nibbles(flat) if fmt.bits == 4 else flat.view(np.uint8)
+    return QuantizedTensor(
+        data=np.ascontiguousarray(data),
+        scales=np.ascontiguousarray(scale),
+        zero_points=None if zp is None else np.ascontiguousarray(zp),
+        format=fmt.name,
+        block_size=bs,
+        axis=None if axis is None or arr.ndim == 0 else ax,
+        shape=tuple(arr.shape),
+        dtype=arr.dtype,
+    )
+
+
+def dequantize_tensor(qt: QuantizedTensor, dtype: Any = None) -> np.ndarray:
+    """`qt` back to numbers; same as `qt.dequantize(dtype)`."""
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"qt must be a QuantizedTensor, got {type(qt).__name__}")
+    return qt.dequantize(dtype)

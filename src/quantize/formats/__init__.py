@@ -1,0 +1,37 @@
+"""The format registry: every format is one small class, registered once by name."""
+
+from __future__ import annotations
+
+from .base import Format
+
+_REGISTRY: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    if fmt.name in _REGISTRY:
+        raise ValueError(f"format {fmt.name!r} is registered twice")
+    _REGISTRY[fmt.name] = fmt
+    return fmt
+
+
+def get_format(fmt: str | Format) -> Format:
+    """The registered format called `fmt` (a Format passes through), or a ValueError listing them."""
+    if isinstance(fmt, Format):
+        return fmt
+    if not isinstance(fmt, str):
+        raise TypeError(f"format must be a format name (str), got {type(fmt).__name__}")
+    try:
+        return _REGISTRY[fmt.lower()]
+    except KeyError:
+        raise ValueError(
+            f"format {fmt!r} is unknown; available: {', '.join(available_formats())}"
+        ) from None
+
+
+def available_formats() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+from . import integer  # noqa: E402,F401  (registers the integer formats)
+
+__all__ = ["Format", "available_formats", "get_format", "register"]
