@@ -1,7 +1,7 @@
 """quantize: floating-point tensors to 4-bit codes, packed two to a byte, with honest error.
 
-    from quantize import quantize_to_int4, dequantize_from_int4      # the simple API
-    from quantize import quantize_tensor, QuantizedTensor             # the block-wise core
+from quantize import quantize_to_int4, dequantize_from_int4      # the simple API
+from quantize import quantize_tensor, QuantizedTensor             # the block-wise core
 """
 
 from __future__ import annotations

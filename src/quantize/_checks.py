@@ -6,6 +6,7 @@ message that starts with the argument's name, so the user knows which argument t
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Any
 
@@ -29,21 +30,16 @@ def as_real_array(x: Any, name: str) -> np.ndarray:
     if isinstance(x, (str, bytes)):
         raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}")
     if hasattr(x, "__dlpack__") and not isinstance(x, np.ndarray):
-        try:
+        # not exportable to CPU memory: np.asarray below gets its chance
+        with contextlib.suppress(TypeError, RuntimeError, BufferError):
             x = np.from_dlpack(x)
-        except (TypeError, RuntimeError, BufferError):
-            pass  # not exportable to CPU memory; np.asarray below gets its chance
     try:
         arr = np.asarray(x)
     except (ValueError, TypeError) as exc:  # ragged lists and the like
         raise TypeError(f"{name} must be an array of numbers: {exc}") from None
     dt = arr.dtype
-    if dt == np.bool_ or not (
-        np.issubdtype(dt, np.integer) or is_float_dtype(dt)
-    ):
-        raise TypeError(
-            f"{name} must hold real numbers (float or int), got dtype {dt}"
-        )
+    if dt == np.bool_ or not (np.issubdtype(dt, np.integer) or is_float_dtype(dt)):
+        raise TypeError(f"{name} must hold real numbers (float or int), got dtype {dt}")
     return arr
 
 
@@ -55,9 +51,8 @@ def check_finite(arr: np.ndarray, name: str) -> None:
     if not finite.all():
         bad = np.unravel_index(int(np.argmin(finite)), arr.shape) if arr.ndim else ()
         value = arr[bad] if arr.ndim else arr[()]
-        raise ValueError(
-            f"{name} contains a non-finite value ({float(value)}) at index {tuple(int(i) for i in bad)}"
-        )
+        where = tuple(int(i) for i in bad)
+        raise ValueError(f"{name} contains a non-finite value ({float(value)}) at index {where}")
 
 
 def check_nonempty(arr: np.ndarray, name: str) -> None:
@@ -130,7 +125,6 @@ def check_codes(arr: Any, lo: int, hi: int, name: str) -> np.ndarray:
         bad = int(np.argmax((a < lo) | (a > hi)))
         idx = np.unravel_index(bad, a.shape)
         raise ValueError(
-            f"{name} must lie in [{lo}, {hi}]; found {a[idx]} at index "
-            f"{tuple(int(i) for i in idx)}"
+            f"{name} must lie in [{lo}, {hi}]; found {a[idx]} at index {tuple(int(i) for i in idx)}"
         )
     return a

@@ -62,7 +62,7 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: DTypeLike | None = None) -> np.ndarray:
         """The tensor back in `dtype` (default: the input's float dtype, float32 for int input)."""
-        rows, n, axis = self._work_shape
+        _, n, axis = self._work_shape
         values = self.fmt.decode(self.codes(), self.scales, self.zero_points)
         out = from_blocks(values, n, axis)
         if self.axis is None:

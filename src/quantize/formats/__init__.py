@@ -15,7 +15,7 @@ def register(fmt: Format) -> Format:
 
 
 def get_format(fmt: str | Format) -> Format:
-    """The registered format called `fmt` (a Format passes through), or a ValueError listing them."""
+    """The registered format named `fmt` (a Format passes through); ValueError lists them."""
     if isinstance(fmt, Format):
         return fmt
     if not isinstance(fmt, str):
