@@ -1,0 +1,92 @@
+"""The `quantize` command, through its entry point and as a real process."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+
+from quantize import cli
+
+
+def test_demo_prints_a_table_for_every_format_and_block(capsys):
+    assert cli.main(["demo", "--formats", "int4", "uint4", "--block-size", "32", "64"]) == 0
+    out = capsys.readouterr().out
+    lines = [ln.split() for ln in out.splitlines() if ln.strip().startswith(("int4", "uint4"))]
+    assert [(ln[0], ln[1]) for ln in lines] == [
+        ("int4", "32"),
+        ("int4", "64"),
+        ("uint4", "32"),
+        ("uint4", "64"),
+    ]
+    for ln in lines:
+        assert 4.0 < float(ln[2]) < 6.0  # bits per weight, scales included
+        assert 5.0 < float(ln[4]) < 40.0  # SQNR dB: real error, not zero, not garbage
+
+
+def test_demo_rows_get_better_with_smaller_blocks_and_more_bits():
+    rows = cli.run_demo(["int4", "int8"], [32, 128], out=io.StringIO())
+    by = {(r["format"], r["block"]): r for r in rows}
+    assert by[("int4", 32)]["sqnr"] > by[("int4", 128)]["sqnr"]
+    assert by[("int8", 128)]["sqnr"] > by[("int4", 32)]["sqnr"] + 15
+    assert by[("int4", 32)]["bits"] == pytest.approx(4 + 32 / 32)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--formats", "int9"],
+        ["demo", "--block-size", "0"],
+        ["demo", "--block-size", "x"],
+        ["nosuch"],
+        [],
+    ],
+)
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_failure_is_one_line_and_exit_1(monkeypatch, capsys):
+    def boom(*a, **k):
+        raise ValueError("something specific went wrong")
+
+    monkeypatch.setattr(cli, "run_demo", boom)
+    assert cli.main(["demo"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "quantize: error: something specific went wrong"
+    with pytest.raises(ValueError):
+        cli.main(["--debug", "demo"])
+
+
+def test_console_script_runs_as_a_process():
+    done = subprocess.run(
+        [sys.executable, "-m", "quantize.cli", "demo", "--formats", "int4", "--block-size", "128"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "int4" in done.stdout and "SQNR" in done.stdout
+    version = subprocess.run(
+        [sys.executable, "-m", "quantize.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert version.stdout.startswith("quantize ")
+
+
+def test_import_loads_no_compiler():
+    # import time itself is measured by benchmarks/bench_import.py, not asserted here
+    code = "import sys, quantize, quantize.quant_utils, quantize.cli; print('numba' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "False"
