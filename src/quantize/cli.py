@@ -43,8 +43,8 @@ def demo_weights(seed: int = 0) -> dict[str, np.ndarray]:
 def _table(rows: list[dict], columns: Sequence[tuple[str, str, str]]) -> str:
     head = [title for title, _, _ in columns]
     body = [[format(r[key], fmt) if fmt else str(r[key]) for _, key, fmt in columns] for r in rows]
-    widths = [max(len(c) for c in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    widths = [max(len(c) for c in col) for col in zip(head, *body, strict=True)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
 
 

@@ -16,6 +16,7 @@ from ._checks import (
 )
 from .blocking import n_blocks, to_blocks
 from .formats import Format, get_format
+from .formats.base import effective_scale
 from .packing import pack_nibbles
 from .tensor import QuantizedTensor
 
@@ -65,11 +66,12 @@ def quantize_tensor(
     bs = resolve_block(n, block_size)
 
     blocks = to_blocks(work.astype(compute_dtype(arr.dtype), copy=False), bs, ax)
+    tensor_scale = fmt.tensor_scale(blocks)
     scale, zp = fmt.choose_params(blocks, clip_ratio)
     pad = n_blocks(n, bs) * bs - n
     if pad:  # the padding is stored as the code of 0, whatever value stood in for it
         blocks[..., -1, bs - pad :] = 0
-    codes = fmt.encode(blocks, scale, zp)
+    codes = fmt.encode(blocks, effective_scale(scale, tensor_scale), zp)
     flat = codes.reshape(*codes.shape[:-2], -1)
     data = pack_nibbles(flat) if fmt.bits == 4 else flat.view(np.uint8)
     return QuantizedTensor(
@@ -81,6 +83,7 @@ def quantize_tensor(
         axis=None if axis is None or arr.ndim == 0 else ax,
         shape=tuple(arr.shape),
         dtype=arr.dtype,
+        tensor_scale=tensor_scale,
     )
 
 

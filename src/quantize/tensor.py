@@ -19,7 +19,8 @@ class QuantizedTensor:
     Layout (the quantized axis moved last, as ORT MatMulNBits stores B):
       data:        uint8 (*rows, ceil(nb*bs/2)) for 4-bit formats (low nibble first),
                    (*rows, nb*bs) for 8-bit ones; the padding of the last block holds the code of 0.
-      scales:      (*rows, nb) float32 (float64 for float64 input).
+      scales:      (*rows, nb) float32 (float64 for float64 input), the values the format stores
+                   (E8M0/E4M3 values for MX/NVFP4, held exactly in float32).
       zero_points: (*rows, nb) uint8 codes, or floats for float-zero-point formats, or None.
     `rows` are the original shape without `axis`; nb = ceil(shape[axis] / block_size).
     `axis` is None when the tensor was flattened (per-tensor: one block of all elements).
@@ -33,6 +34,8 @@ class QuantizedTensor:
     axis: int | None
     shape: tuple[int, ...]
     dtype: np.dtype
+    #: second-level float32 scale of two-level formats (NVFP4); effective scale = scales * it.
+    tensor_scale: np.float32 | None = None
 
     @property
     def fmt(self) -> Format:
@@ -63,7 +66,9 @@ class QuantizedTensor:
     def dequantize(self, dtype: DTypeLike | None = None) -> np.ndarray:
         """The tensor back in `dtype` (default: the input's float dtype, float32 for int input)."""
         _, n, axis = self._work_shape
-        values = self.fmt.decode(self.codes(), self.scales, self.zero_points)
+        values = self.fmt.dequantize_blocks(
+            self.codes(), self.scales, self.zero_points, self.tensor_scale
+        )
         out = from_blocks(values, n, axis)
         if self.axis is None:
             out = out.reshape(self.shape)
@@ -86,9 +91,12 @@ class QuantizedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of codes, scales and zero points together."""
+        """Bytes as stored: codes, scales (at the format's width), zero points, tensor scale."""
+        bits = self.fmt.scale_bits
+        scales = self.scales.nbytes if bits is None else -(-self.scales.size * bits // 8)
         zp = 0 if self.zero_points is None else self._zero_point_bytes()
-        return int(self.data.nbytes + self.scales.nbytes + zp)
+        ts = 0 if self.tensor_scale is None else 4
+        return int(self.data.nbytes + scales + zp + ts)
 
     def _zero_point_bytes(self) -> int:
         zp = self.zero_points
