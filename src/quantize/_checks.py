@@ -72,28 +72,23 @@ def as_bool(x: Any, name: str) -> bool:
     return bool(x)
 
 
-def as_positive_float(x: Any, name: str) -> float:
-    """A finite number > 0 (a scale, a multiplier), or a TypeError/ValueError naming `name`."""
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
-        if isinstance(x, np.ndarray) and x.size == 1 and x.dtype.kind in "fiu":
-            x = x.reshape(()).item()
-        else:
-            raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}")
-    v = float(x)
-    if not np.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {v}")
-    return v
-
-
 def as_finite_float(x: Any, name: str) -> float:
+    """A finite real number (one-element arrays too), or a TypeError/ValueError naming `name`."""
+    if isinstance(x, np.ndarray) and x.size == 1 and x.dtype.kind in "fiu":
+        x = x.reshape(()).item()
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
-        if isinstance(x, np.ndarray) and x.size == 1 and x.dtype.kind in "fiu":
-            x = x.reshape(()).item()
-        else:
-            raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}")
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}")
     v = float(x)
     if not np.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+def as_positive_float(x: Any, name: str) -> float:
+    """A finite number > 0 (a scale, a multiplier), or a TypeError/ValueError naming `name`."""
+    v = as_finite_float(x, name)
+    if v <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {v}")
     return v
 
 
