@@ -27,7 +27,10 @@ Where ModelOpt is wrong, we are right; each deviation has a test (tests/test_qua
    NaN code) is rejected.
 6. float16/bfloat16 weights: ModelOpt divides in float16, which double-rounds near ties. We
    divide in float32 by the float16 scale that is returned (so dequantizing with it matches).
-7. quantize_axis may be negative, any rank is accepted by find_scales/rtn/dq_tensor/quant_tensor
+7. pack_float32_to_4bit_cpp_based: ModelOpt's C++ extension rounds ties away from zero while
+   its Python fallback (used when the build fails) rounds them to even, so its answer depends on
+   the machine. Ours always rounds to even, as `_optimized` and ONNX's own helper do.
+8. quantize_axis may be negative, any rank is accepted by find_scales/rtn/dq_tensor/quant_tensor
    (ModelOpt mis-blocks 3-D weights on axis 1), and bad input raises ValueError/TypeError
    naming the argument instead of failing an assert or returning garbage (NaN codes).
 """
@@ -374,7 +377,8 @@ def compute_e8m0(
 ) -> np.ndarray:
     """Computes the e8m0 value for the weight tensor.
 
-    e8m0 = 127 + the smallest e >= -127 with amax <= elem_max * 2^e, as float32, shaped like
+    e8m0 = 127 + the smallest e >= -127 with amax <= elem_max * 2^e, in amax's float dtype
+    (float32 unless amax is float64; cast to uint8 to store), shaped like
     the weight with weight_shape[quant_axis] // block_size at quant_axis. elem_max is the
     element format's largest value: 448 for FP8 E4M3 (MXFP8, ModelOpt's only choice), 6 for
     FP4 E2M1 (MXFP4).
@@ -403,7 +407,8 @@ def compute_e8m0(
     e8m0 = e + E8M0_BIAS
     if (e8m0 > 254).any():
         raise ValueError(f"amax too large for an E8M0 scale (max exponent 127): {a.max()}")
-    return e8m0.astype(np.float32).reshape(out_shape)
+    out = np.float64 if a.dtype == np.float64 else np.float32  # ModelOpt keeps amax's dtype
+    return e8m0.astype(out).reshape(out_shape)
 
 
 # --- per-layer configuration ------------------------------------------------------------------
