@@ -31,11 +31,17 @@ def prepare(array: Any, name: str = "array") -> np.ndarray:
     arr = as_real_array(array, name)
     check_nonempty(arr, name)
     check_finite(arr, name)
+    if not arr.dtype.isnative:  # big-endian input: compute and answer in native order
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     return arr
 
 
-def resolve_block(n: int, block_size: int | None) -> int:
-    """None or -1 mean one block per row (per-channel); anything else must be > 0."""
+def resolve_block(n: int, block_size: int | str | None, fmt: Format) -> int:
+    """ "auto": the format's default; None or -1: one block per row (per-channel); else > 0."""
+    if isinstance(block_size, str):
+        if block_size != "auto":
+            raise TypeError(f"block_size must be an int, None or 'auto', got {block_size!r}")
+        return fmt.default_block_size
     if block_size is None or (not isinstance(block_size, bool) and block_size == -1):
         return n
     return check_block_size(block_size)
@@ -44,26 +50,41 @@ def resolve_block(n: int, block_size: int | None) -> int:
 def quantize_tensor(
     array: Any,
     format: str | Format = "int4",
-    block_size: int | None = 128,
+    block_size: int | str | None = "auto",
     axis: int | None = -1,
     *,
     clip_ratio: float = 1.0,
 ) -> QuantizedTensor:
     """Quantize `array` block-wise along `axis` with `format`, round to nearest (ties to even).
 
-    block_size: elements per block along `axis`; None or -1 for one block per row. A length not
-    divisible by it gets a padded last block. axis=None flattens the tensor first (with
-    block_size=None: one scale for the whole tensor). clip_ratio in (0, 1] shrinks each block's
-    range before the scale is chosen (values beyond it clip).
+    block_size: elements per block along `axis`; "auto" for the format's usual size (128 for
+    the integer formats, 16 nvfp4, 32 mxfp4, 64 nf4); None or -1 for one block per row. A
+    length not divisible by it gets a padded last block. axis=None flattens the tensor first
+    (with block_size=None: one scale for the whole tensor). clip_ratio in (0, 1] shrinks each
+    block's range before the scale is chosen (values beyond it clip).
     """
+    return quantize_prepared(prepare(array), format, block_size, axis, clip_ratio)
+
+
+def quantize_prepared(
+    arr: np.ndarray,
+    format: str | Format,
+    block_size: int | str | None,
+    axis: int | None,
+    clip_ratio: float = 1.0,
+) -> QuantizedTensor:
+    """`quantize_tensor` for an array that `prepare` has already checked (under its own name)."""
     fmt = get_format(format)
-    arr = prepare(array)
-    if not (isinstance(clip_ratio, numbers.Real) and 0 < clip_ratio <= 1):
+    if isinstance(clip_ratio, bool) or not isinstance(clip_ratio, numbers.Real):
+        raise TypeError(f"clip_ratio must be a number in (0, 1], got {clip_ratio!r}")
+    if not 0 < clip_ratio <= 1:
         raise ValueError(f"clip_ratio must be a number in (0, 1], got {clip_ratio!r}")
+    if arr.ndim == 0 and axis is not None:
+        normalize_axis(axis, 1)  # a scalar has one axis to speak of: 0 or -1
     work = arr.reshape(-1) if axis is None or arr.ndim == 0 else arr
     ax = 0 if axis is None or arr.ndim == 0 else normalize_axis(axis, arr.ndim)
     n = work.shape[ax]
-    bs = resolve_block(n, block_size)
+    bs = resolve_block(n, block_size, fmt)
 
     blocks = to_blocks(work.astype(compute_dtype(arr.dtype), copy=False), bs, ax)
     tensor_scale = fmt.tensor_scale(blocks)

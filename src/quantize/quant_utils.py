@@ -57,11 +57,11 @@ from .blocking import from_blocks, n_blocks, params_from_axis, params_to_axis, t
 from .core import compute_dtype, prepare
 from .formats import nvfp4
 from .formats.integer import integer_format
+from .formats.mx import E8M0_BIAS, e8m0_exponent
 from .packing import pack_nibbles
 
 INT4_MIN, INT4_MAX = -8, 7
 UINT4_MIN, UINT4_MAX = 0, 15
-E8M0_BIAS = 127
 
 
 # --- argument checks shared by the block-wise doors -------------------------------------------
@@ -398,15 +398,7 @@ def compute_e8m0(
         raise ValueError(
             f"amax has {a.size} values; weight_shape {shape} needs {np.prod(out_shape)}"
         )
-    ratio = a.astype(np.float64) / emax
-    with np.errstate(divide="ignore"):
-        _, e = np.frexp(ratio)  # ratio = m * 2^e, m in [0.5, 1): 2^(e-1) < ratio <= 2^e
-    e = e.astype(np.int64)
-    e = np.where(ratio == np.ldexp(1.0, e - 1), e - 1, e)  # exact powers of two
-    e = np.maximum(np.where(ratio == 0, -E8M0_BIAS, e), -E8M0_BIAS)
-    e8m0 = e + E8M0_BIAS
-    if (e8m0 > 254).any():
-        raise ValueError(f"amax too large for an E8M0 scale (max exponent 127): {a.max()}")
+    e8m0 = e8m0_exponent(a, emax, "ceil", saturate=False) + E8M0_BIAS
     out = np.float64 if a.dtype == np.float64 else np.float32  # ModelOpt keeps amax's dtype
     return e8m0.astype(out).reshape(out_shape)
 

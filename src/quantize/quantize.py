@@ -11,8 +11,8 @@ from typing import List, Tuple, Union  # noqa: UP035  (the seed's documented sig
 
 import numpy as np
 
-from ._checks import as_finite_float, as_positive_float, as_real_array, check_codes
-from .core import quantize_tensor
+from ._checks import as_finite_float, as_positive_float, check_codes
+from .core import prepare, quantize_prepared
 from .formats.integer import INT4_AFFINE
 from .packing import pack_nibbles, unpack_nibbles
 
@@ -47,12 +47,10 @@ def quantize_to_int4(
         raise ValueError(
             f"scale_method must be one of {sorted(_SCALE_METHODS)}, got {scale_method!r}"
         )
-    arr = as_real_array(values, "values")
-    if arr.size == 0:
-        raise ValueError("values is empty; there is nothing to quantize")
+    arr = prepare(values, "values")
     if arr.dtype != np.float64:  # the seed API returns Python floats: compute them in float64
         arr = arr.astype(np.float64)
-    qt = quantize_tensor(arr, _SCALE_METHODS[scale_method], block_size=None, axis=None)
+    qt = quantize_prepared(arr, _SCALE_METHODS[scale_method], block_size=None, axis=None)
     codes = qt.codes().reshape(-1)[: arr.size].reshape(arr.shape).astype(np.int8)
     zero_point = 0.0 if qt.zero_points is None else float(qt.zero_points.reshape(-1)[0])
     return codes, float(qt.scales.reshape(-1)[0]), zero_point

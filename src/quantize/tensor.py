@@ -7,9 +7,86 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import DTypeLike
 
+from ._checks import check_finite, is_float_dtype
 from .blocking import from_blocks, params_to_axis
 from .formats import Format, get_format
 from .packing import unpack_nibbles
+
+
+def _saturating_cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`values` in `dtype`, clamping overflow to the dtype's largest finite value.
+
+    Inputs were finite, so an inf here is a grid point past the output dtype's range (a float16
+    near 65504, or mxfp4_ceil's 2^128 in float32); the largest finite value is closer to the
+    original than inf, and within the format's half-step bound.
+    """
+    with np.errstate(over="ignore"):
+        out = values.astype(dtype, copy=False)
+    if np.issubdtype(out.dtype, np.integer):
+        return out
+    bad = np.isinf(out)
+    if bad.any():
+        top = np.array(
+            np.finfo(dtype).max if np.issubdtype(dtype, np.floating) else _ml_max(dtype),
+            dtype=dtype,
+        )
+        out = np.where(bad, np.where(out > 0, top, -top), out).astype(dtype)
+    return out
+
+
+def _ml_max(dtype: np.dtype):
+    import ml_dtypes
+
+    return ml_dtypes.finfo(dtype).max
+
+
+def _float_dtype(dtype: DTypeLike) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be a float dtype, got {dtype!r}") from None
+    if not is_float_dtype(dt):
+        raise TypeError(f"dtype must be a float dtype (float16/32/64, bfloat16), got {dt}")
+    return dt
+
+
+def _check_fields(qt: QuantizedTensor) -> None:
+    """A QuantizedTensor built by hand or read from a file must still make sense."""
+    fmt = get_format(qt.format)
+    shape = tuple(qt.shape)
+    if any(not isinstance(d, (int, np.integer)) or d < 0 for d in shape):
+        raise ValueError(f"shape must be a tuple of sizes >= 0, got {qt.shape}")
+    if qt.axis is not None and not 0 <= qt.axis < max(len(shape), 1):
+        raise ValueError(f"axis {qt.axis} is out of range for shape {shape}")
+    rows, n, _ = qt._work_shape
+    if not isinstance(qt.block_size, (int, np.integer)) or qt.block_size <= 0:
+        raise ValueError(f"block_size must be an int > 0, got {qt.block_size!r}")
+    nb = -(-n // qt.block_size)
+    if qt.scales.shape != (*rows, nb):
+        raise ValueError(f"scales has shape {qt.scales.shape}; this tensor needs {(*rows, nb)}")
+    if not is_float_dtype(qt.scales.dtype):
+        raise TypeError(f"scales must be floats, got {qt.scales.dtype}")
+    check_finite(qt.scales, "scales")
+    if not (qt.scales > 0).all():
+        raise ValueError("scales must be > 0")
+    per_row = -(-nb * qt.block_size // 2) if fmt.bits == 4 else nb * qt.block_size
+    if qt.data.dtype != np.uint8 or qt.data.shape != (*rows, per_row):
+        raise ValueError(
+            f"data must be uint8 of shape {(*rows, per_row)}, got {qt.data.dtype} {qt.data.shape}"
+        )
+    zp = qt.zero_points
+    if (zp is None) != (fmt.zero_point is None):
+        raise ValueError(f"format {fmt.name} {'needs' if zp is None else 'has no'} zero points")
+    if zp is not None:
+        if zp.shape != qt.scales.shape:
+            raise ValueError(f"zero_points has shape {zp.shape}; it must be {qt.scales.shape}")
+        check_finite(zp, "zero_points")
+        if fmt.zero_point == "int" and (zp.min() < fmt.code_min or zp.max() > fmt.code_max):
+            raise ValueError(f"zero_points must lie in [{fmt.code_min}, {fmt.code_max}]")
+    if qt.tensor_scale is not None:
+        ts = float(qt.tensor_scale)
+        if not (np.isfinite(ts) and ts > 0):
+            raise ValueError(f"tensor_scale must be finite and > 0, got {ts}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,22 +140,31 @@ class QuantizedTensor:
             c = self.data.view(np.int8 if fmt.signed_codes else np.uint8)
         return c.reshape(*rows, nb, self.block_size)
 
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
     def dequantize(self, dtype: DTypeLike | None = None) -> np.ndarray:
-        """The tensor back in `dtype` (default: the input's float dtype, float32 for int input)."""
+        """The tensor back in `dtype` (default: the input's float dtype, float32 for int input).
+
+        Each value is the stored one (grid point * scales) rounded once to `dtype`. Values past
+        the dtype's range (a grid point just beyond float16's 65504, say) come back as its
+        largest finite value, never inf.
+        """
+        target = self.float_dtype if dtype is None else _float_dtype(dtype)
         _, n, axis = self._work_shape
-        values = self.fmt.dequantize_blocks(
-            self.codes(), self.scales, self.zero_points, self.tensor_scale
-        )
-        out = from_blocks(values, n, axis)
-        if self.axis is None:
-            out = out.reshape(self.shape)
-        target = np.dtype(dtype) if dtype is not None else self.float_dtype
-        return np.ascontiguousarray(out.astype(target, copy=False))
+        # code * scale (* tensor scale) is exact in float64 for every format here, so computing
+        # there and casting once gives the correctly rounded value in any output dtype
+        scales = self.scales.astype(np.float64)
+        zp = self.zero_points
+        if zp is not None and self.fmt.zero_point == "float":
+            zp = zp.astype(np.float64)
+        with np.errstate(over="ignore"):
+            values = self.fmt.dequantize_blocks(self.codes(), scales, zp, self.tensor_scale)
+        out = from_blocks(values, n, axis).reshape(self.shape)
+        return np.asarray(_saturating_cast(out, target), order="C")
 
     @property
     def float_dtype(self) -> np.dtype:
-        from ._checks import is_float_dtype
-
         return self.dtype if is_float_dtype(self.dtype) else np.dtype(np.float32)
 
     def scales_along_axis(self) -> np.ndarray:

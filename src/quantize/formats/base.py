@@ -28,6 +28,8 @@ class Format(ABC):
     code_max: int
     #: "int" zero points are stored as codes (uint8), "float" ones in the scale dtype.
     zero_point: str | None = None
+    #: the block size `quantize_tensor(..., block_size="auto")` uses: the format's spec or habit.
+    default_block_size: int = 128
     #: bits one stored block scale costs (8 for E8M0/E4M3 scales); None: the scale array's dtype.
     scale_bits: int | None = None
     description: str = ""

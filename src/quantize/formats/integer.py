@@ -13,31 +13,44 @@ from . import _REGISTRY, register
 from .base import Format
 
 
-def _cover(scale: np.ndarray, span: np.ndarray, steps: int) -> np.ndarray:
+def _cover(scale: np.ndarray, span: np.ndarray, steps: int, unit=1.0) -> np.ndarray:
     """Scale nudged up (by ulps) until `steps + 1/2` steps cover `span`; 0-span blocks get 1.
 
+    `span` is given times `unit` (a power of two, < 1 only for spans past float64's range).
     Only blocks whose scale under- or overflowed move (subnormal spans); in the normal range
     amax/steps already covers, so results equal the plain formula (ModelOpt, ORT).
     """
     scale = np.where(span == 0, np.ones((), scale.dtype), scale)
-    span64 = span.astype(np.float64)
-    short = scale.astype(np.float64) * (steps + 0.5) < span64
-    while short.any():
-        scale = np.where(short, np.nextafter(scale, np.array(np.inf, scale.dtype)), scale)
-        short = scale.astype(np.float64) * (steps + 0.5) < span64
+    span64 = np.asarray(span, np.float64)
+
+    def short(s):
+        with np.errstate(over="ignore"):  # an overflowing product covers anything
+            return s.astype(np.float64) * unit * (steps + 0.5) < span64
+
+    todo = short(scale)
+    while todo.any():
+        scale = np.where(todo, np.nextafter(scale, np.array(np.inf, scale.dtype)), scale)
+        todo = short(scale)
     return scale
 
 
-def _range_scale(hi: np.ndarray, lo: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """((hi - lo) / steps, hi - lo); float64 only where hi - lo overflows the compute dtype."""
+def _range_scale(hi: np.ndarray, lo: np.ndarray, steps: int):
+    """(hi - lo) / steps in the compute dtype, and (hi - lo) * unit in float64, and unit.
+
+    Plain compute-dtype arithmetic (as ModelOpt and ORT do) wherever hi - lo fits; where it
+    overflows (float32 [-3e38, 3e38], float64 [-1e308, 1e308]) the span is taken in float64
+    times unit = 2^-8, exact for numbers that large, and the scale from that.
+    """
     with np.errstate(over="ignore"):
         span = hi - lo
     scale = span / span.dtype.type(steps)
     overflow = np.isinf(span)
-    if overflow.any():  # e.g. [-3e38, 3e38] in float32: the span overflows, span/15 does not
-        span = hi.astype(np.float64) - lo.astype(np.float64)
-        scale = np.where(overflow, (span / steps).astype(scale.dtype), scale)
-    return scale, span
+    unit = 1.0
+    if overflow.any():
+        unit = np.where(overflow, 2.0**-8, 1.0)
+        span = hi.astype(np.float64) * unit - lo.astype(np.float64) * unit
+        scale = np.where(overflow, (span / steps / unit).astype(scale.dtype), scale)
+    return scale, span, unit
 
 
 class SymmetricInt(Format):
@@ -87,8 +100,8 @@ class AffineUInt(Format):
         hi = np.maximum(blocks.max(axis=-1), zero)
         if clip_ratio != 1.0:
             lo, hi = lo * blocks.dtype.type(clip_ratio), hi * blocks.dtype.type(clip_ratio)
-        scale, span = _range_scale(hi, lo, self.code_max)
-        scale = _cover(scale, span, self.code_max)
+        scale, span, unit = _range_scale(hi, lo, self.code_max)
+        scale = _cover(scale, span, self.code_max, unit)
         zp = np.clip(-np.rint(lo / scale), self.code_min, self.code_max).astype(np.uint8)
         return scale, zp
 
@@ -123,10 +136,10 @@ class AffineIntFloatZero(Format):
         if clip_ratio != 1.0:  # shrink [lo, hi] about its centre
             mid = lo / dt(2) + hi / dt(2)
             lo, hi = mid + (lo - mid) * dt(clip_ratio), mid + (hi - mid) * dt(clip_ratio)
-        scale, span = _range_scale(hi, lo, steps)
+        scale, span, unit = _range_scale(hi, lo, steps)
         const = span == 0
         scale = np.where(const, np.abs(lo), scale)
-        scale = _cover(scale, np.where(const, np.abs(lo), span), steps)
+        scale = _cover(scale, np.where(const, np.abs(lo) * unit, span), steps, unit)
         zp = np.where(const, dt(0), dt(self.code_min) - lo / scale)
         return scale, zp.astype(blocks.dtype)
 
