@@ -32,6 +32,6 @@ def available_formats() -> list[str]:
     return sorted(_REGISTRY)
 
 
-from . import integer  # noqa: E402,F401  (registers the integer formats)
+from . import fp4, integer, nf4, nvfp4  # noqa: E402,F401  (each registers its formats)
 
 __all__ = ["Format", "available_formats", "get_format", "register"]
