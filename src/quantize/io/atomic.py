@@ -1,0 +1,71 @@
+"""Writing files so that a failure or an interruption never leaves half of one behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class OutputError(ValueError):
+    """The output path cannot be used (it is the input, or its folder does not exist)."""
+
+
+def check_output(output: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
+    """`output` as a Path, refusing one that would overwrite an input or has no folder."""
+    out = Path(output)
+    for inp in inputs:
+        p = Path(inp)
+        if out.resolve() == p.resolve() or (out.exists() and p.exists() and out.samefile(p)):
+            raise OutputError(f"{out}: the output would overwrite the input")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out}: the folder {out.parent} does not exist")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; on success rename it onto `final`, else delete it.
+
+    The temporary file lives in the same folder, so the rename is atomic on POSIX and Windows:
+    readers see the old file or the complete new one, never a part.
+    """
+    final = Path(final)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside `final`, renamed onto it when the block succeeds.
+
+    An existing `final` folder is replaced only after the new one is complete.
+    """
+    import shutil
+
+    final = Path(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
