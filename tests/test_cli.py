@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from quantize import cli
+from quantize.commands import demo
 
 
 def test_demo_prints_a_table_for_every_format_and_block(capsys):
@@ -27,7 +28,7 @@ def test_demo_prints_a_table_for_every_format_and_block(capsys):
 
 
 def test_demo_rows_get_better_with_smaller_blocks_and_more_bits():
-    rows = cli.run_demo(["int4", "int8"], [32, 128], out=io.StringIO())
+    rows = demo.run_demo(["int4", "int8"], [32, 128], out=io.StringIO())
     by = {(r["format"], r["block"]): r for r in rows}
     assert by[("int4", 32)]["sqnr"] > by[("int4", 128)]["sqnr"]
     assert by[("int8", 128)]["sqnr"] > by[("int4", 32)]["sqnr"] + 15
@@ -55,7 +56,7 @@ def test_failure_is_one_line_and_exit_1(monkeypatch, capsys):
     def boom(*a, **k):
         raise ValueError("something specific went wrong")
 
-    monkeypatch.setattr(cli, "run_demo", boom)
+    monkeypatch.setattr(demo, "run_demo", boom)
     assert cli.main(["demo"]) == 1
     err = capsys.readouterr().err
     assert err.strip() == "quantize: error: something specific went wrong"
