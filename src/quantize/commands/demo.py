@@ -12,7 +12,7 @@ from .. import __version__
 from ..core import quantize_tensor
 from ..formats import available_formats
 from ..report import tensor_report
-from ._args import positive_int
+from ._args import positive_int, table
 
 DEMO_FORMATS = ("int4", "uint4", "int4_affine", "int8")
 DEMO_BLOCKS = (32, 128)
@@ -38,14 +38,6 @@ def demo_weights(seed: int = 0) -> dict[str, np.ndarray]:
         w[:, outliers] *= 10
         weights[name] = w.astype(np.float32)
     return weights
-
-
-def _table(rows: list[dict], columns: Sequence[tuple[str, str, str]]) -> str:
-    head = [title for title, _, _ in columns]
-    body = [[format(r[key], fmt) if fmt else str(r[key]) for _, key, fmt in columns] for r in rows]
-    widths = [max(len(c) for c in col) for col in zip(head, *body, strict=True)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
 
 
 def run_demo(formats: Sequence[str], block_sizes: Sequence[int], out=None) -> list[dict]:
@@ -83,7 +75,7 @@ def run_demo(formats: Sequence[str], block_sizes: Sequence[int], out=None) -> li
                 }
             )
     print(
-        _table(
+        table(
             rows,
             [
                 ("format", "format", ""),

@@ -1,0 +1,984 @@
+"""ONNX models in, 4-bit ONNX models out: MatMul/Gemm weights (and optionally Gather embeddings).
+
+The numbers come from `quantize_tensor`; this module only lays a `QuantizedTensor` out the way
+the runtime reads it:
+
+* ``output="matmulnbits"``: ONNX Runtime's ``com.microsoft.MatMulNBits`` (bits=4). B is uint8
+  ``[N, n_blocks, block_size/2]``: each output column's K values, blocks along K, two codes a
+  byte, low nibble first -- `QuantizedTensor.data` for a weight quantized along K, reshaped.
+  ``scales`` is ``[N, n_blocks]`` in A's float type. MatMulNBits dequantizes
+  ``(code - zero_point) * scale`` with unsigned codes and a default zero point of 8, so int4
+  (signed, symmetric) codes are stored as ``code + 8`` (each nibble XOR 8) and no zero point is
+  written; uint4 writes its zero points packed two a byte, ``[N, ceil(n_blocks/2)]``.
+* ``output="qdq"``: ``DequantizeLinear`` (opset 21, blocked: ``axis`` + ``block_size``) on an
+  INT4 (symmetric) or UINT4 (+ UINT4 zero point) initializer in the weight's own layout, feeding
+  the unchanged MatMul/Gemm. Models below opset 21 are moved to 21 (see `ensure_opset`).
+* Gather embeddings (``quantize_gather=True``, either output): DequantizeLinear (blocks along
+  the embedding dimension, axis 1) feeding the unchanged Gather.
+
+Gemm keeps its meaning exactly: QDQ leaves the Gemm node alone (alpha, beta, C, transA/B); for
+MatMulNBits it becomes ``[Transpose(A)] -> MatMulNBits -> [Mul alpha] -> [Add C (Mul beta)]``.
+A weight used by several nodes is quantized once and shared; a float weight that something
+else still reads (a non-quantized node, a subgraph, a graph output) is kept. If/Loop/Scan
+bodies are left as they are (their weights are not quantized).
+
+ORT note: with its default optimizations ORT fuses DequantizeLinear(int4) -> MatMul into a
+MatMulNBits with accuracy_level 4 (activations quantized to int8 on the fly; session config
+``session.qdq_matmulnbits_accuracy_level``), so QDQ models run slightly less exactly than the
+weights alone would suggest; MatMulNBits written here leaves accuracy_level unset (0: float A)
+unless asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..blocking import from_blocks, params_to_axis
+from ..core import quantize_tensor
+from ..packing import pack_nibbles
+from ..report import tensor_report
+from ..tensor import QuantizedTensor
+from .atomic import atomic_path, check_output
+
+FORMATS = ("int4", "uint4")
+OUTPUTS = ("matmulnbits", "qdq")
+QUANTIZABLE_OPS = ("MatMul", "Gemm", "Gather")
+#: blocked DequantizeLinear with INT4/UINT4 needs opset 21, and INT4 needs IR version 10
+QDQ_OPSET = 21
+QDQ_IR_VERSION = 10
+MS_DOMAIN = "com.microsoft"
+#: above this many tensor bytes the output is written with external data (protobuf's 2 GiB cap)
+EXTERNAL_DATA_LIMIT = 2**31 - 2**27
+
+_WEIGHT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+# --------------------------------------------------------------------------------------------
+# the model walk
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            yield from _all_graphs(sub)
+
+
+def _all_names(model: onnx.ModelProto) -> set[str]:
+    names: set[str] = set()
+    for g in _all_graphs(model.graph):
+        names.update(t.name for t in g.initializer)
+        names.update(v.name for v in (*g.input, *g.output, *g.value_info))
+        for node in g.node:
+            names.update(node.input)
+            names.update(node.output)
+            names.add(node.name)
+    names.discard("")
+    return names
+
+
+def _use_counts(graph: onnx.GraphProto) -> dict[str, int]:
+    """How often each name is read: node inputs and graph outputs, subgraphs included."""
+    uses: dict[str, int] = {}
+    for g in _all_graphs(graph):
+        for node in g.node:
+            for name in node.input:
+                if name:
+                    uses[name] = uses.get(name, 0) + 1
+        for out in g.output:  # a (sub)graph may hand a weight straight out
+            uses[out.name] = uses.get(out.name, 0) + 1
+    return uses
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _default_opset(model: onnx.ModelProto) -> int | None:
+    versions = [o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS]
+    return max(versions) if versions else None
+
+
+# --------------------------------------------------------------------------------------------
+# opset
+
+
+def ensure_opset(model: onnx.ModelProto, target: int = QDQ_OPSET) -> str | None:
+    """Raise the default-domain opset of `model` (in place) to `target` if it is lower.
+
+    If no operator the model uses (subgraphs included) has a different definition at `target`
+    than at its current opset, only the version number changes. Otherwise the model goes
+    through `onnx.version_converter` (which adapts e.g. Squeeze/Reshape/Split across versions);
+    a failure there is a ValueError. Returns what was done, or None if nothing was needed.
+    Also raises the IR version to 10 (needed for INT4/UINT4 tensors).
+    """
+    current = _default_opset(model)
+    if current is None:
+        raise ValueError("the model imports no default-domain (ai.onnx) opset")
+    note = None
+    if current < target:
+        ops = {
+            n.op_type
+            for g in _all_graphs(model.graph)
+            for n in g.node
+            if n.domain in _DEFAULT_DOMAINS
+        }
+        changed = sorted(op for op in ops if _since(op, current) != _since(op, target))
+        if not changed:
+            for o in model.opset_import:
+                if o.domain in _DEFAULT_DOMAINS:
+                    o.version = target
+            note = f"opset {current} -> {target} (no operator the model uses differs)"
+        else:
+            try:
+                from onnx import version_converter
+
+                converted = version_converter.convert_version(model, target)
+            except Exception as exc:
+                raise ValueError(
+                    f"QDQ output needs opset {target}; converting the model from opset "
+                    f"{current} failed ({type(exc).__name__}: {exc}). Operators that differ: "
+                    f"{', '.join(changed)}. Use output 'matmulnbits' instead."
+                ) from None
+            model.CopyFrom(converted)
+            note = (
+                f"opset {current} -> {target} with onnx.version_converter "
+                f"(operators that differ: {', '.join(changed)})"
+            )
+    if model.ir_version < QDQ_IR_VERSION:
+        model.ir_version = QDQ_IR_VERSION
+    return note
+
+
+def _since(op: str, version: int) -> int | None:
+    try:
+        return onnx.defs.get_schema(op, version, "").since_version
+    except Exception:  # unknown op: treat as changed, the converter decides
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# finding the weights
+
+
+@dataclasses.dataclass
+class _Site:
+    """One node input that reads a constant weight we will quantize."""
+
+    node: onnx.NodeProto
+    position: int  # the node's place in graph.node
+    index: int  # which input of `node`
+    weight: str
+    axis: int  # the axis blocks run along (K for MatMul/Gemm, the embedding dim for Gather)
+
+
+@dataclasses.dataclass
+class _Weight:
+    """A constant: an initializer, or the output of a Constant node."""
+
+    name: str
+    tensor: TensorProto
+
+
+def _weight_sources(graph: onnx.GraphProto) -> dict[str, _Weight]:
+    found = {t.name: _Weight(t.name, t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS and node.output:
+            for a in node.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    found[node.output[0]] = _Weight(node.output[0], a.t)
+    return found
+
+
+def _matches(patterns: Sequence[str] | None, *names: str) -> bool:
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns or () for n in names if n)
+
+
+def _find_sites(
+    graph: onnx.GraphProto,
+    weights: dict[str, _Weight],
+    *,
+    include,
+    exclude,
+    exclude_op_types,
+    quantize_gather: bool,
+    skipped: list[dict],
+) -> list[_Site]:
+    sites = []
+    ops = [op for op in QUANTIZABLE_OPS if op != "Gather" or quantize_gather]
+    for position, node in enumerate(graph.node):
+        if node.domain not in _DEFAULT_DOMAINS or node.op_type not in ops:
+            continue
+        index = 0 if node.op_type == "Gather" else 1
+        if len(node.input) <= index or node.input[index] not in weights:
+            continue  # an activation, not a weight
+        name = node.input[index]
+
+        def skip(reason: str, node=node, name=name) -> None:
+            skipped.append(
+                {"name": name, "node": node.name, "op_type": node.op_type, "reason": reason}
+            )
+
+        if node.op_type in exclude_op_types:
+            skip(f"op type {node.op_type} excluded")
+            continue
+        if include and not _matches(include, name, node.name):
+            skip("not matched by an include pattern")
+            continue
+        if _matches(exclude, name, node.name):
+            skip("matched by an exclude pattern")
+            continue
+        t = weights[name].tensor
+        if len(t.dims) != 2:
+            skip(f"weight is {len(t.dims)}-D (only 2-D weights are quantized)")
+            continue
+        if t.data_type not in _WEIGHT_TYPES:
+            dtype = TensorProto.DataType.Name(t.data_type).lower()
+            skip(f"weight type {dtype} (float32/float16/bfloat16 only)")
+            continue
+        if node.op_type == "Gemm":
+            axis = 1 if _attr(node, "transB", 0) else 0
+        elif node.op_type == "Gather":
+            if _attr(node, "axis", 0) not in (0, -2):
+                skip("Gather along axis 1 (only row lookups, axis 0, are quantized)")
+                continue
+            axis = 1
+        else:
+            axis = 0
+        sites.append(_Site(node, position, index, name, axis))
+    return sites
+
+
+def _weight_array(w: _Weight) -> np.ndarray:
+    t = w.tensor
+    if t.data_location == TensorProto.EXTERNAL:
+        raise ValueError(
+            f"tensor {w.name!r} has external data that is not loaded "
+            "(onnx.load(..., load_external_data=True))"
+        )
+    try:
+        return numpy_helper.to_array(t)
+    except Exception as exc:
+        raise ValueError(f"tensor {w.name!r} cannot be read: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# laying out a QuantizedTensor
+
+
+def _with_scale_dtype(qt: QuantizedTensor, dtype: np.dtype) -> QuantizedTensor:
+    """`qt` with its scales stored in `dtype` (the runtime's scale type = the weight's type).
+
+    The codes stay; the QuantizedTensor returned is exactly what the runtime will compute with.
+    ValueError if a scale does not survive the cast (0 or inf in float16).
+    """
+    if qt.scales.dtype == dtype:
+        return qt
+    with np.errstate(over="ignore", under="ignore"):
+        scales = qt.scales.astype(dtype)
+    s32 = scales.astype(np.float32)
+    if not (np.isfinite(s32).all() and (s32 > 0).all()):
+        raise ValueError(f"block scales do not fit in {np.dtype(dtype).name}")
+    return dataclasses.replace(qt, scales=scales)
+
+
+def _int4_tensor(name: str, codes: np.ndarray, signed: bool) -> TensorProto:
+    """INT4/UINT4 initializer: row-major codes, two per byte, low nibble first (ONNX layout)."""
+    packed = pack_nibbles(np.ascontiguousarray(codes).reshape(-1))
+    dtype = TensorProto.INT4 if signed else TensorProto.UINT4
+    return helper.make_tensor(name, dtype, list(codes.shape), packed.tobytes(), raw=True)
+
+
+class _Namer:
+    def __init__(self, used: set[str]):
+        self.used = used
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.used:
+            name, i = f"{base}_{i}", i + 1
+        self.used.add(name)
+        return name
+
+
+# --------------------------------------------------------------------------------------------
+# the public entry points
+
+
+def quantize_onnx_model(
+    model: onnx.ModelProto,
+    *,
+    format: str = "int4",
+    block_size: int = 32,
+    output: str = "matmulnbits",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    exclude_op_types: Iterable[str] = (),
+    accuracy_level: int | None = None,
+    quantize_gather: bool = False,
+    details: dict | None = None,
+) -> tuple[onnx.ModelProto, list[dict]]:
+    """A copy of `model` with its MatMul/Gemm weights (and Gather tables) in 4 bits.
+
+    format: "int4" (symmetric) or "uint4" (zero point per block); block_size along K (for
+    MatMulNBits a power of two >= 16); output: "matmulnbits" (ORT contrib op) or "qdq"
+    (DequantizeLinear, opset 21). include/exclude: glob patterns matched against the weight's
+    and the node's names; exclude_op_types: e.g. ["Gemm"]. accuracy_level: MatMulNBits'
+    attribute (0-4; unset by default). quantize_gather: also quantize Gather embeddings.
+    details: if a dict, gets "skipped" (what was not quantized and why) and "notes".
+
+    Returns the new model and one `tensor_report` row per quantized tensor (with "op_types",
+    "consumers" and "kept_float"). ValueError if nothing can be quantized.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    rows = _quantize_in_place(
+        out,
+        format=format,
+        block_size=block_size,
+        output=output,
+        include=include,
+        exclude=exclude,
+        exclude_op_types=exclude_op_types,
+        accuracy_level=accuracy_level,
+        quantize_gather=quantize_gather,
+        details=details,
+    )
+    return out, rows
+
+
+def _check_args(format, block_size, output, accuracy_level) -> None:
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+        raise TypeError(f"block_size must be an int, got {block_size!r}")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be > 0, got {block_size}")
+    if output == "matmulnbits" and (block_size < 16 or block_size & (block_size - 1)):
+        raise ValueError(
+            f"block_size must be a power of two >= 16 for MatMulNBits, got {block_size}"
+        )
+    if accuracy_level is not None:
+        if output != "matmulnbits":
+            raise ValueError("accuracy_level applies to output 'matmulnbits' only")
+        if isinstance(accuracy_level, bool) or accuracy_level not in range(5):
+            raise ValueError(f"accuracy_level must be 0..4, got {accuracy_level!r}")
+
+
+def _quantize_in_place(
+    model: onnx.ModelProto,
+    *,
+    format: str = "int4",
+    block_size: int = 32,
+    output: str = "matmulnbits",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    exclude_op_types: Iterable[str] = (),
+    accuracy_level: int | None = None,
+    quantize_gather: bool = False,
+    details: dict | None = None,
+) -> list[dict]:
+    _check_args(format, block_size, output, accuracy_level)
+    exclude_op_types = set(exclude_op_types or ())
+    skipped: list[dict] = []
+    notes: list[str] = []
+    if details is not None:
+        details["skipped"] = skipped
+        details["notes"] = notes
+
+    def find() -> list[_Site]:
+        skipped.clear()
+        return _find_sites(
+            model.graph,
+            _weight_sources(model.graph),
+            include=include,
+            exclude=exclude,
+            exclude_op_types=exclude_op_types,
+            quantize_gather=quantize_gather,
+            skipped=skipped,
+        )
+
+    sites = find()
+    if not sites:
+        raise ValueError(
+            "no quantizable weights: no MatMul/Gemm"
+            + ("/Gather" if quantize_gather else "")
+            + " node reads a constant 2-D float weight"
+            + (f" ({len(skipped)} skipped: {skipped[0]['reason']}, ...)" if skipped else "")
+        )
+    if output == "qdq" or any(s.node.op_type == "Gather" for s in sites):
+        note = ensure_opset(model, QDQ_OPSET)
+        if note:
+            notes.append(note)
+            sites = find()  # the converter made new node objects
+
+    graph = model.graph
+    weights = _weight_sources(graph)
+    uses = _use_counts(graph)
+    namer = _Namer(_all_names(model))
+    signed = format == "int4"
+
+    # quantize each (weight, axis) once
+    quantized: dict[tuple[str, int], QuantizedTensor] = {}
+    bad: set[tuple[str, int]] = set()
+    rows: dict[tuple[str, int], dict] = {}
+    for site in sites:
+        key = (site.weight, site.axis)
+        if key in quantized or key in bad:
+            continue
+        w = _weight_array(weights[site.weight])
+        try:
+            qt = quantize_tensor(w, format, block_size, axis=site.axis)
+            qt = _with_scale_dtype(qt, w.dtype)
+        except ValueError as exc:
+            bad.add(key)
+            skipped.append(
+                {
+                    "name": site.weight,
+                    "node": site.node.name,
+                    "op_type": site.node.op_type,
+                    "reason": str(exc),
+                }
+            )
+            continue
+        quantized[key] = qt
+        rows[key] = tensor_report(site.weight, w, qt)
+    sites = [s for s in sites if (s.weight, s.axis) in quantized]
+    if not sites:
+        raise ValueError("no quantizable weights: " + "; ".join(s["reason"] for s in skipped))
+
+    # what each quantized weight becomes: names of new initializers / DQ outputs, made lazily
+    new_inits: list[TensorProto] = []
+    nbits_inputs: dict[tuple[str, int], list[str]] = {}
+    dq_outputs: dict[tuple[str, int], str] = {}
+    pending_dq: dict[tuple[str, int], onnx.NodeProto] = {}
+
+    def nbits_for(key) -> list[str]:
+        if key not in nbits_inputs:
+            qt = quantized[key]
+            n_rows, nb = qt.scales.shape
+            data = qt.data ^ np.uint8(0x88) if signed else qt.data  # int4: code + 8, zp 8
+            b = numpy_helper.from_array(
+                data.reshape(n_rows, nb, qt.block_size // 2), namer(f"{key[0]}_Q4")
+            )
+            s = numpy_helper.from_array(qt.scales, namer(f"{key[0]}_scales"))
+            names = [b.name, s.name]
+            new_inits.extend([b, s])
+            if not signed:
+                z = numpy_helper.from_array(
+                    pack_nibbles(qt.zero_points), namer(f"{key[0]}_zero_points")
+                )
+                new_inits.append(z)
+                names.append(z.name)
+            nbits_inputs[key] = names
+        return nbits_inputs[key]
+
+    def dq_for(key) -> str:
+        if key not in dq_outputs:
+            name, axis = key
+            qt = quantized[key]
+            n = qt.shape[axis]
+            codes = from_blocks(qt.codes(), n, axis)  # back in the weight's own layout
+            q = _int4_tensor(namer(f"{name}_Q4"), codes, signed)
+            s = numpy_helper.from_array(qt.scales_along_axis(), namer(f"{name}_scales"))
+            inputs = [q.name, s.name]
+            new_inits.extend([q, s])
+            if not signed:
+                zp = params_to_axis(qt.zero_points, axis)
+                z = _int4_tensor(namer(f"{name}_zero_points"), zp, signed=False)
+                new_inits.append(z)
+                inputs.append(z.name)
+            dq_outputs[key] = namer(f"{name}_DQ")
+            pending_dq[key] = helper.make_node(
+                "DequantizeLinear",
+                inputs,
+                [dq_outputs[key]],
+                name=namer(f"{name}_DequantizeLinear"),
+                axis=axis,
+                block_size=qt.block_size,
+            )
+        return dq_outputs[key]
+
+    def scalar(value: float, dtype: np.dtype, base: str) -> str:
+        t = numpy_helper.from_array(np.array(value, dtype=dtype), namer(base))
+        new_inits.append(t)
+        return t.name
+
+    def matmulnbits(node: onnx.NodeProto, a: str, key, out: str) -> onnx.NodeProto:
+        qt = quantized[key]
+        attrs = {
+            "K": qt.shape[key[1]],
+            "N": qt.scales.shape[0],
+            "bits": 4,
+            "block_size": qt.block_size,
+        }
+        if accuracy_level is not None:
+            attrs["accuracy_level"] = accuracy_level
+        return helper.make_node(
+            "MatMulNBits",
+            [a, *nbits_for(key)],
+            [out],
+            name=namer(f"{node.name or key[0]}_Q4"),
+            domain=MS_DOMAIN,
+            **attrs,
+        )
+
+    def rewrite(site: _Site) -> list[onnx.NodeProto]:
+        node, key = site.node, (site.weight, site.axis)
+        if output == "qdq" or node.op_type == "Gather":
+            new = onnx.NodeProto()
+            new.CopyFrom(node)
+            new.input[site.index] = dq_for(key)
+            return [new]
+        if node.op_type == "MatMul":
+            return [matmulnbits(node, node.input[0], key, node.output[0])]
+        # Gemm: Y = alpha * A' @ B' + beta * C, spelled out around MatMulNBits
+        dtype = quantized[key].scales.dtype
+        alpha, beta = _attr(node, "alpha", 1.0), _attr(node, "beta", 1.0)
+        c = node.input[2] if len(node.input) > 2 and node.input[2] and beta != 0 else None
+        y = node.output[0]
+        base = node.name or y
+        nodes = []
+        a = node.input[0]
+        if _attr(node, "transA", 0):
+            t = namer(f"{base}_A_T")
+            nodes.append(
+                helper.make_node("Transpose", [a], [t], name=namer(f"{base}_transA"), perm=[1, 0])
+            )
+            a = t
+        last = namer(f"{base}_matmul") if alpha != 1 or c else y
+        nodes.append(matmulnbits(node, a, key, last))
+        if alpha != 1:
+            out = namer(f"{base}_alpha") if c else y
+            nodes.append(
+                helper.make_node(
+                    "Mul",
+                    [last, scalar(alpha, dtype, f"{base}_alpha_value")],
+                    [out],
+                    name=namer(f"{base}_mul_alpha"),
+                )
+            )
+            last = out
+        if c:
+            if beta != 1:
+                cb = namer(f"{base}_beta_C")
+                nodes.append(
+                    helper.make_node(
+                        "Mul",
+                        [c, scalar(beta, dtype, f"{base}_beta_value")],
+                        [cb],
+                        name=namer(f"{base}_mul_beta"),
+                    )
+                )
+                c = cb
+            nodes.append(helper.make_node("Add", [last, c], [y], name=namer(f"{base}_add_C")))
+        return nodes
+
+    # rebuild the node list
+    by_position = {s.position: s for s in sites}
+    removed_uses: dict[str, int] = {}
+    for s in sites:
+        removed_uses[s.weight] = removed_uses.get(s.weight, 0) + 1
+    gone = {name for name, n in removed_uses.items() if uses.get(name, 0) == n}
+    new_nodes: list[onnx.NodeProto] = []
+    for position, node in enumerate(graph.node):
+        site = by_position.get(position)
+        if site is not None:
+            replacement = rewrite(site)
+            key = (site.weight, site.axis)
+            if key in pending_dq:
+                new_nodes.append(pending_dq.pop(key))
+            new_nodes.extend(replacement)
+        elif node.op_type == "Constant" and node.output and node.output[0] in gone:
+            continue
+        else:
+            new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+
+    # drop float weights nobody reads any more
+    kept = [t for t in graph.initializer if t.name not in gone]
+    del graph.initializer[:]
+    graph.initializer.extend([*kept, *new_inits])
+    for field in (graph.input, graph.value_info):
+        keep = [v for v in field if v.name not in gone]
+        del field[:]
+        field.extend(keep)
+
+    if model.ir_version < 4:  # IR < 4 wants every initializer listed as a graph input
+        notes.append(f"IR version {model.ir_version} -> 4 (initializers need not be inputs)")
+        model.ir_version = 4
+    if nbits_inputs and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+    result = []
+    for key, row in rows.items():
+        consumers = [s for s in sites if (s.weight, s.axis) == key]
+        row["op_types"] = sorted({s.node.op_type for s in consumers})
+        row["consumers"] = len(consumers)
+        row["kept_float"] = key[0] not in gone
+        kinds = {"qdq" if output == "qdq" or op == "Gather" else output for op in row["op_types"]}
+        row["output"] = "+".join(sorted(kinds))
+        result.append(row)
+    for name in sorted({k[0] for k in rows} - gone):
+        notes.append(f"{name}: the float weight is kept too (other nodes still read it)")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+def _tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Every tensor that holds data: initializers and tensor attributes, subgraphs included."""
+    for g in _all_graphs(model.graph):
+        yield from g.initializer
+        for node in g.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    yield a.t
+                elif a.type == onnx.AttributeProto.TENSORS:
+                    yield from a.tensors
+
+
+def _external_files(model: onnx.ModelProto, base: Path) -> set[Path]:
+    files = set()
+    for t in _tensors(model):
+        if t.data_location == TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location")
+            if loc:
+                files.add((base / loc).resolve())
+    return files
+
+
+def _bits(data_type: int) -> int | None:
+    """Bits per element of a fixed-size tensor type, None if we don't know it."""
+    name = TensorProto.DataType.Name(data_type)
+    for n in (2, 4):
+        if name.endswith((f"INT{n}", f"FLOAT{n}E2M1")):
+            return n
+    try:
+        return 8 * helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    except Exception:
+        return None
+
+
+def _check_lengths(model: onnx.ModelProto, path: Path) -> None:
+    """Every raw tensor holds as many bytes as its shape needs (a truncated data file doesn't)."""
+    for t in _tensors(model):
+        if not t.HasField("raw_data") or t.data_type == TensorProto.STRING:
+            continue
+        bits = _bits(t.data_type)
+        if bits is None:
+            continue
+        need = -(-int(np.prod(t.dims, dtype=np.int64)) * bits // 8)
+        if len(t.raw_data) != need:
+            raise ValueError(
+                f"{path}: tensor {t.name!r} has {len(t.raw_data)} bytes of data, its shape "
+                f"{list(t.dims)} needs {need} (truncated or corrupt file?)"
+            )
+
+
+def load_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[Path]]:
+    """(model with all tensor data in memory, the external data files it was read from).
+
+    ValueError naming the file for a missing path, a file onnx cannot parse, a model without a
+    graph or opset, and missing or truncated external data.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ValueError(
+            f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})"
+        ) from None
+    if not model.HasField("graph") or not model.opset_import:
+        raise ValueError(f"{path}: not a complete ONNX model (no graph or no opset)")
+    base = path.resolve().parent
+    files = _external_files(model, base)
+    if files:
+        missing = sorted(str(f) for f in files if not f.is_file())
+        if missing:
+            raise ValueError(f"{path}: external data file(s) missing: {', '.join(missing)}")
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(base))
+        except Exception as exc:
+            raise ValueError(
+                f"{path}: cannot read its external data ({type(exc).__name__}: {exc})"
+            ) from None
+    _check_lengths(model, path)
+    return model, files
+
+
+def _tensor_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in _tensors(model):
+        total += len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
+    return total
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    inputs: Sequence[str | os.PathLike] = (),
+) -> list[Path]:
+    """Write `model` atomically; returns the files written (the .onnx, and its data file).
+
+    external_data None: only if the tensors would not fit protobuf's 2 GiB. With external data
+    all tensors of 1 KiB or more go to ``<name>.data`` beside the model; both files are written
+    completely under temporary names first, then renamed: the data file, then the model. The
+    tensors of `model` are moved out to the data file in the process (the proto is changed).
+    `inputs` are files that must not be overwritten (OutputError, a ValueError).
+    """
+    out = check_output(path, *inputs)
+    if external_data is None:
+        external_data = _tensor_bytes(model) > EXTERNAL_DATA_LIMIT
+    if not external_data:
+        with atomic_path(out) as tmp:
+            onnx.save_model(model, str(tmp), format="protobuf")
+        return [out]
+    data_name = f"{out.name}.data"
+    data = check_output(out.with_name(data_name), *inputs)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        onnx.save_model(
+            model,
+            str(tmpdir / out.name),
+            format="protobuf",
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
+        written = [data, out]
+        if not (tmpdir / data_name).exists():  # every tensor was small: no data file
+            written = [out]
+        for final in written:
+            with atomic_path(final) as tmp:
+                os.replace(tmpdir / final.name, tmp)
+        return written
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _size(files: Iterable[Path]) -> int:
+    return sum(Path(f).stat().st_size for f in files)
+
+
+def quantize_onnx_file(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    /,
+    *,
+    external_data: bool | None = None,
+    **options: Any,
+) -> dict:
+    """Quantize the model file `src` into `dst` (never touching `src` or its data files).
+
+    options: as for `quantize_onnx_model`. external_data: None writes a data file if the input
+    had one or the output would pass 2 GiB. Returns {"rows", "skipped", "notes", "input_files",
+    "output_files", "input_bytes", "output_bytes"}.
+    """
+    src = Path(src)
+    if not src.exists():
+        raise ValueError(f"{src}: no such file")
+    out = check_output(dst, src)
+    model, data_files = load_model(src)
+    check_output(out, *data_files)
+    details: dict = {}
+    try:
+        rows = _quantize_in_place(model, details=details, **options)
+    except ValueError as exc:
+        raise ValueError(f"{src}: {exc}") from None
+    if external_data is None and data_files:
+        external_data = True
+    written = save_model(model, out, external_data=external_data, inputs=[src, *data_files])
+    inputs = [src, *sorted(data_files)]
+    return {
+        "rows": rows,
+        "skipped": details["skipped"],
+        "notes": details["notes"],
+        "input_files": inputs,
+        "output_files": written,
+        "input_bytes": _size(inputs),
+        "output_bytes": _size(written),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# checking a quantized model against its float original
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def _session(path: Path, config: dict[str, str] | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    for k, v in (config or {}).items():
+        so.add_session_config_entry(k, str(v))
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ValueError(f"{path}: onnxruntime cannot load it ({exc})") from None
+
+
+def _index_limits(path: Path) -> dict[str, int]:
+    """Graph inputs used directly as Gather indices -> the table's row count."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return {}
+    g = model.graph
+    rows = {t.name: t.dims[0] for t in g.initializer if len(t.dims) >= 1}
+    for w in _weight_sources(g).values():
+        if w.tensor.dims:
+            rows.setdefault(w.name, w.tensor.dims[0])
+    limits: dict[str, int] = {}
+    for node in g.node:
+        if (
+            node.op_type == "Gather"
+            and len(node.input) > 1
+            and node.input[0] in rows
+            and _attr(node, "axis", 0) == 0
+        ):
+            idx = node.input[1]
+            limits[idx] = min(limits.get(idx, 1 << 62), int(rows[node.input[0]]))
+    return limits
+
+
+def _random_feed(session, limits: dict[str, int], rng: np.random.Generator) -> dict:
+    dims: dict[str, int] = {}
+    feed = {}
+    for inp in session.get_inputs():
+        dtype = _ORT_TYPES.get(inp.type)
+        if dtype is None:
+            raise ValueError(f"input {inp.name!r} has type {inp.type}; pass inputs as an .npz")
+        shape = []
+        for i, d in enumerate(inp.shape):
+            if isinstance(d, int) and d >= 0:
+                shape.append(d)
+            else:  # dynamic: small, and the same size wherever the same name appears
+                key = d if isinstance(d, str) and d else f"{inp.name}:{i}"
+                shape.append(dims.setdefault(key, 2 if i == 0 else 8))
+        if np.issubdtype(dtype, np.floating):
+            feed[inp.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feed[inp.name] = rng.random(shape) < 0.5
+        elif "mask" in inp.name.lower():
+            feed[inp.name] = np.ones(shape, dtype)
+        else:
+            hi = max(1, min(limits.get(inp.name, 16), 16, int(np.iinfo(dtype).max)))
+            feed[inp.name] = rng.integers(0, hi, size=shape).astype(dtype)
+    return feed
+
+
+def check_models(
+    float_path: str | os.PathLike,
+    quant_path: str | os.PathLike,
+    inputs: str | os.PathLike | dict | None = None,
+    n: int = 4,
+    seed: int = 0,
+    session_config: dict[str, str] | None = None,
+) -> dict[str, dict]:
+    """Run both models in onnxruntime (CPU) on the same inputs and compare their outputs.
+
+    inputs: an .npz (read with allow_pickle=False) or a dict of arrays, keyed by input name;
+    None: `n` random input sets (normal floats; ints in [0, 16), below the table size for
+    token ids that index a Gather; inputs named *mask* all ones; dynamic dims 2 (first) or 8).
+    session_config: ORT session config entries for both sessions (e.g.
+    {"session.qdq_matmulnbits_accuracy_level": "0"}).
+    Returns {output name: {"cosine", "max_abs_err", "rel_rmse", "shape"}} over all runs.
+    """
+    float_path, quant_path = Path(float_path), Path(quant_path)
+    for p in (float_path, quant_path):
+        if not p.is_file():
+            raise ValueError(f"{p}: no such file")
+    ref, test = _session(float_path, session_config), _session(quant_path, session_config)
+    if inputs is None:
+        rng = np.random.default_rng(seed)
+        limits = _index_limits(float_path)
+        feeds = [_random_feed(ref, limits, rng) for _ in range(max(1, int(n)))]
+    else:
+        if isinstance(inputs, dict):
+            given = {k: np.asarray(v) for k, v in inputs.items()}
+        else:
+            try:
+                with np.load(inputs, allow_pickle=False) as npz:
+                    given = {k: npz[k] for k in npz.files}
+            except Exception as exc:
+                raise ValueError(f"{inputs}: not a readable .npz ({exc})") from None
+        needed = [i.name for i in ref.get_inputs()]
+        missing = [k for k in needed if k not in given]
+        if missing:
+            raise ValueError(f"inputs lack {', '.join(missing)} (the model needs {needed})")
+        feeds = [{k: given[k] for k in needed}]
+    names = [o.name for o in ref.get_outputs()]
+    got: dict[str, list] = {k: [] for k in names}
+    want: dict[str, list] = {k: [] for k in names}
+    shapes: dict[str, list] = {}
+    for feed in feeds:
+        for k, a, b in zip(names, ref.run(names, feed), test.run(names, feed), strict=True):
+            if np.shape(a) != np.shape(b):
+                raise ValueError(
+                    f"output {k!r}: shape {np.shape(b)}, the float model gives {np.shape(a)}"
+                )
+            shapes[k] = list(np.shape(a))
+            want[k].append(np.asarray(a, np.float64).ravel())
+            got[k].append(np.asarray(b, np.float64).ravel())
+    result = {}
+    for k in names:
+        a, b = np.concatenate(want[k]), np.concatenate(got[k])
+        na, nb = np.linalg.norm(a), np.linalg.norm(b)
+        cos = 1.0 if na == nb == 0 else float(a @ b / (na * nb)) if na and nb else 0.0
+        err = b - a
+        result[k] = {
+            "cosine": cos,
+            "max_abs_err": float(np.abs(err).max()) if err.size else 0.0,
+            "rel_rmse": float(np.linalg.norm(err) / na) if na else float(np.linalg.norm(err)),
+            "shape": shapes[k],
+        }
+    return result
