@@ -13,6 +13,16 @@ from .tensor import QuantizedTensor
 
 __version__ = "0.1.0"
 
+
+def load(path):
+    """Read a checkpoint written by `quantize safetensors` (or a compressed-tensors
+    pack-quantized one) into {name: QuantizedTensor or ndarray}. See docs/safetensors-layout.md.
+    """
+    from .io.safetensors import load as _load
+
+    return _load(path)
+
+
 __all__ = [
     "Format",
     "QuantizedTensor",
@@ -20,6 +30,7 @@ __all__ = [
     "dequantize_from_int4",
     "dequantize_tensor",
     "get_format",
+    "load",
     "quantize_tensor",
     "quantize_to_int4",
 ]

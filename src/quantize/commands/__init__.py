@@ -4,7 +4,7 @@ the subcommand and sets `run=` to a function `run(args) -> int` (the exit code).
 add_parser must import nothing heavy (onnx, safetensors): that happens inside `run`.
 """
 
-from . import demo, onnx
+from . import demo, inspect, onnx, report, safetensors
 
 #: subcommand modules in the order `quantize --help` lists them
-COMMANDS = [demo, onnx]
+COMMANDS = [demo, onnx, safetensors, inspect, report]

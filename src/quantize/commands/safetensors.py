@@ -1,0 +1,144 @@
+"""`quantize safetensors`: a safetensors checkpoint's linear weights to 4 (or 8) bits."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..formats import available_formats
+
+EPILOG = """\
+examples:
+  quantize safetensors model.safetensors -o model.nf4.safetensors --format nf4 --block-size 64
+  quantize safetensors ./llama/ -o ./llama-int4/ --exclude '*.mlp.down_proj.*'
+  quantize safetensors ./llama/model.safetensors.index.json -o ./llama-w4a16/ \\
+      --format int4 --block-size 128 --layout compressed-tensors
+
+IN is a .safetensors file, a folder of them, or a sharded checkpoint's index
+(*.safetensors.index.json); a folder or index gives an output folder with the same file
+names, a rewritten index and the folder's other files (config.json, tokenizer) copied.
+By default the floating-point weights with 2+ dimensions are quantized, except norms,
+embeddings and the output head (by name); patterns are shell-style globs on tensor names.
+The reports go beside OUT: OUT.report.json and OUT.report.md (OUT without .safetensors).
+"""
+
+
+def block_size_arg(text: str):
+    if text in ("auto", "channel"):
+        return "auto" if text == "auto" else None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a block size: {text!r} (a number > 0, 'auto' or 'channel')"
+        ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "safetensors",
+        help="quantize a safetensors checkpoint (file, folder or sharded index)",
+        description="Quantize the linear weights of a safetensors checkpoint block-wise, write\n"
+        "the quantized checkpoint and a JSON + Markdown report, and print what each tensor\n"
+        "cost in accuracy and size. Nothing is written unless everything succeeds.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", metavar="IN", help="a .safetensors file, a folder, or an index.json")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the file/folder to write")
+    p.add_argument(
+        "--format",
+        default="int4",
+        choices=available_formats(),
+        metavar="FORMAT",
+        help=f"one of {', '.join(available_formats())} (default: int4)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=block_size_arg,
+        default="auto",
+        metavar="N",
+        help="weights per block along the input dimension; 'auto' (the format's usual: 128 "
+        "int, 64 nf4, 32 mxfp4, 16 nvfp4) or 'channel' (one block per row); default: auto",
+    )
+    p.add_argument(
+        "--include", nargs="+", action="extend", metavar="PATTERN", help="quantize only these"
+    )
+    p.add_argument(
+        "--exclude", nargs="+", action="extend", metavar="PATTERN", help="keep these as they are"
+    )
+    p.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="also quantize embeddings and the output head",
+    )
+    p.add_argument(
+        "--all",
+        dest="all_tensors",
+        action="store_true",
+        help="consider every floating-point tensor (1-d ones and FP8 too); --include/--exclude "
+        "still apply",
+    )
+    p.add_argument(
+        "--layout",
+        choices=["quantize", "compressed-tensors"],
+        default="quantize",
+        help="quantize: NAME.qdata/.scales/.zero_points (docs/safetensors-layout.md), any "
+        "format; compressed-tensors: pack-quantized for vLLM/transformers, int4/uint4/int8/"
+        "uint8 (default: quantize)",
+    )
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-report", action="store_true", help="do not write the report files")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..io.safetensors import quantize_safetensors, report_base, resolve
+    from ..report import build_report, render_text, write_reports
+
+    output = Path(args.output)
+    source = resolve(args.input)
+    if source.single and output.is_dir():  # a file into a folder keeps its name
+        output = output / source.files[0].name
+
+    def progress(row):
+        if row["quantized"] and not args.quiet:
+            print(
+                f"  {row['name']}: {row['sqnr_db']:.1f} dB, {row['bits_per_weight']:.2f} bits",
+                file=sys.stderr,
+            )
+
+    rows = quantize_safetensors(
+        args.input,
+        output,
+        format=args.format,
+        block_size=args.block_size,
+        include=args.include,
+        exclude=args.exclude,
+        embeddings=args.embeddings,
+        all_tensors=args.all_tensors,
+        layout=args.layout,
+        overwrite=args.force,
+        progress=progress,
+    )
+    settings = {
+        "input": str(args.input),
+        "output": str(output),
+        "format": args.format,
+        "block_size": "channel" if args.block_size is None else args.block_size,
+        "layout": args.layout,
+    }
+    print(render_text(build_report(rows, settings)), end="")
+    if not any(r["quantized"] for r in rows):
+        print("note: no tensor matched; the output is a copy of the input", file=sys.stderr)
+    print(f"wrote {output}")
+    if not args.no_report:
+        json_path, md_path = write_reports(rows, report_base(output), settings)
+        print(f"report: {json_path}, {md_path}")
+    return 0

@@ -1,0 +1,872 @@
+"""Safetensors checkpoints in, quantized safetensors checkpoints out, and back.
+
+`quantize_safetensors(src, dst, ...)` quantizes a .safetensors file, a folder of them or a
+sharded checkpoint (its `*.safetensors.index.json`) tensor by tensor from a memory map, so
+memory stays near the largest tensor; `load(path)` reads the result back. The layout is
+documented in docs/safetensors-layout.md. The files are read and written by `._stfile`, not by
+the `safetensors` package (which is not needed at run time).
+
+Which tensors are quantized by default: floating-point weights (F16, BF16, F32, F64) with two
+or more dimensions, except, by name (case-insensitive, per dot-separated part of the name):
+  - norms: a part containing "norm" (layernorm, rmsnorm, ...) or GPT-2's ln_1/ln_2/ln_f;
+  - input embeddings: a part containing "embed" (embed_tokens, word_embeddings, wte, wpe,
+    tok_embeddings, position_embeddings), or the parts wte, wpe, shared;
+  - output heads: lm_head, embed_out, and a top-level output.weight (they are often tied to
+    the embeddings and are the most sensitive layer).
+`embeddings=True` quantizes embeddings and heads too (heads only for compressed-tensors, whose
+loaders quantize Linear layers, not Embedding ones); `all_tensors=True` drops every rule but
+"floating point and not empty" (FP8 weights included). `include` patterns (fnmatch globs on
+the full name) then keep only the tensors that match one; `exclude` patterns remove those that
+match one. Everything else is copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from .._checks import is_float_dtype
+from ..core import quantize_tensor, resolve_block
+from ..formats import get_format
+from ..packing import pack_nibbles, unpack_nibbles
+from ..report import error_stats_chunked
+from ..tensor import QuantizedTensor
+from . import compressed_tensors as ct
+from ._stfile import DTYPES, WEIGHT_FLOATS, SafetensorsFile, SafetensorsWriter, dtype_code
+from .atomic import OutputError, atomic_dir, atomic_path, check_output
+
+#: bump when the layout changes in a way older readers would misread
+LAYOUT_VERSION = 1
+#: the `__metadata__` key holding our JSON
+META_KEY = "quantize"
+LAYOUTS = ("quantize", "compressed-tensors")
+PIECES = (".qdata", ".scales", ".zero_points")
+
+#: 8-bit scale encodings by format: E4M3 values as F8_E4M3, powers of two as E8M0 bytes (U8)
+_SCALE_STORAGE = {"nvfp4": "e4m3", "mxfp4": "e8m0", "mxfp4_ceil": "e8m0"}
+#: files of a model folder that are weights (never copied into the output folder)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+_LN = re.compile(r"ln(_?[a-z0-9]{1,4})?")
+
+
+def _parts(name: str) -> list[str]:
+    return name.lower().split(".")
+
+
+def is_norm(name: str) -> bool:
+    return any("norm" in p or _LN.fullmatch(p) for p in _parts(name))
+
+
+def is_head(name: str) -> bool:
+    parts = _parts(name)
+    return "lm_head" in parts or "embed_out" in parts or parts == ["output", "weight"]
+
+
+def is_embedding(name: str) -> bool:
+    """An input embedding by name (not a head: see `is_head`)."""
+    parts = _parts(name)
+    if is_head(name):
+        return False
+    return any("embed" in p for p in parts) or any(p in ("wte", "wpe", "shared") for p in parts)
+
+
+# --------------------------------------------------------------------------- the input
+
+
+@dataclass
+class Source:
+    """A resolved input: its safetensors files, and the index and folder when there are."""
+
+    path: Path
+    files: list[Path]
+    index: Path | None = None
+    index_data: dict | None = None
+    folder: Path | None = None  # a model folder: its other files are copied along
+
+    @property
+    def single(self) -> bool:
+        return self.folder is None and self.index is None
+
+
+def resolve(path: str | os.PathLike) -> Source:
+    """IN as a Source: a .safetensors file, a folder of them, or a `*.safetensors.index.json`."""
+    p = Path(path)
+    if p.is_dir():
+        indexes = sorted(p.glob("*.safetensors.index.json"))
+        if len(indexes) > 1:
+            raise ValueError(f"{p}: more than one index ({', '.join(i.name for i in indexes)})")
+        if indexes:
+            src = _from_index(indexes[0])
+            src.path = p
+            return src
+        files = sorted(f for f in p.glob("*.safetensors") if f.is_file())
+        if not files:
+            raise ValueError(f"{p}: the folder holds no .safetensors file")
+        return Source(p, files, folder=p)
+    if p.is_file():
+        if p.name.endswith(".index.json"):
+            return _from_index(p)
+        return Source(p, [p])
+    raise ValueError(f"{p}: no such file or folder")
+
+
+def _from_index(index: Path) -> Source:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{index}: cannot read the index: {exc}") from None
+    wmap = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wmap, dict) or not wmap:
+        raise ValueError(f"{index}: the index has no weight_map")
+    if not isinstance(data.get("metadata", {}), (dict, type(None))):
+        raise ValueError(f"{index}: the index's metadata is not an object")
+    names = []
+    for tensor, fname in wmap.items():
+        if not isinstance(fname, str) or Path(fname).name != fname or fname in ("", ".", ".."):
+            raise ValueError(f"{index}: tensor {tensor!r} maps to a bad file name {fname!r}")
+        if fname not in names:
+            names.append(fname)
+    files = [index.parent / n for n in names]
+    for f in files:
+        if not f.is_file():
+            raise ValueError(f"{index}: shard {f.name} does not exist")
+    return Source(index, files, index=index, index_data=data, folder=index.parent)
+
+
+class _Opened(contextlib.ExitStack):
+    """Every file of a Source opened and validated; `where[name]` is the file of a tensor."""
+
+    def __init__(self, source: Source):
+        super().__init__()
+        self.source = source
+        self.files: list[SafetensorsFile] = []
+        self.where: dict[str, SafetensorsFile] = {}
+
+    def __enter__(self) -> _Opened:
+        super().__enter__()
+        try:
+            for path in self.source.files:
+                f = self.enter_context(SafetensorsFile(path))
+                self.files.append(f)
+                for name in f.tensors:
+                    if name in self.where:
+                        raise ValueError(
+                            f"{path}: tensor {name!r} is also in {self.where[name].path}"
+                        )
+                    self.where[name] = f
+            if self.source.index is not None:
+                self._check_index()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _check_index(self) -> None:
+        wmap = self.source.index_data["weight_map"]
+        for name, f in self.where.items():
+            if wmap.get(name) != f.path.name:
+                raise ValueError(
+                    f"{self.source.index}: tensor {name!r} is in {f.path.name} but the index "
+                    f"says {wmap.get(name)!r}"
+                )
+        for name, fname in wmap.items():
+            if name not in self.where:
+                raise ValueError(
+                    f"{self.source.index}: tensor {name!r} is listed (in {fname}) but no shard "
+                    "holds it"
+                )
+
+
+def _our_metadata(f: SafetensorsFile) -> dict | None:
+    """Our JSON from a file's `__metadata__`, validated at the top level; None if it has none."""
+    text = f.metadata.get(META_KEY)
+    if text is None:
+        return None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{f.path}: __metadata__[{META_KEY!r}] is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("tensors"), dict):
+        raise ValueError(f"{f.path}: __metadata__[{META_KEY!r}] has no 'tensors' object")
+    version = meta.get("layout_version")
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"{f.path}: bad layout_version {version!r}")
+    if version > LAYOUT_VERSION:
+        raise ValueError(
+            f"{f.path}: layout version {version} was written by a newer quantize "
+            f"({meta.get('version')}); this one reads up to {LAYOUT_VERSION}"
+        )
+    if meta.get("layout") not in LAYOUTS:
+        raise ValueError(f"{f.path}: unknown layout {meta.get('layout')!r}")
+    return meta
+
+
+def _model_config(source: Source) -> tuple[Path | None, dict | None]:
+    if source.folder is None:
+        return None, None
+    path = source.folder / "config.json"
+    if not path.is_file():
+        return None, None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the model config: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: the model config is not a JSON object")
+    return path, config
+
+
+# --------------------------------------------------------------------------- selection
+
+
+@dataclass
+class Selection:
+    """Which tensors to quantize; see the module docstring for the rules."""
+
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
+    embeddings: bool = False
+    all_tensors: bool = False
+    layout: str = "quantize"
+
+    def why_not(self, name: str, dtype: str, shape: tuple[int, ...]) -> str | None:
+        """None if the tensor is to be quantized, else the reason it is kept as it is."""
+        np_dt = DTYPES[dtype][0]
+        if np_dt is None or not is_float_dtype(np_dt):
+            return f"{dtype} is not a floating-point weight"
+        if int(np.prod(shape, dtype=np.int64)) == 0:
+            return "empty"
+        if not self.all_tensors:
+            if dtype not in WEIGHT_FLOATS:
+                return f"{dtype} weights are quantized only with all_tensors (--all)"
+            if len(shape) < 2:
+                return f"{len(shape)}-d (biases, norms, scalars stay)"
+            if is_norm(name):
+                return "a norm (by name)"
+            if is_head(name) and not self.embeddings:
+                return "the output head (by name; --embeddings quantizes it)"
+            if is_embedding(name):
+                if not self.embeddings:
+                    return "an embedding (by name; --embeddings quantizes it)"
+                if self.layout == "compressed-tensors":
+                    return "an embedding: compressed-tensors quantizes Linear layers only"
+        if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return "not matched by include"
+        if self.exclude and any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+            return "matched by exclude"
+        return None
+
+
+# --------------------------------------------------------------------------- our layout
+
+
+def _encode(qt: QuantizedTensor) -> tuple[dict[str, np.ndarray], dict]:
+    """The tensors (by suffix) and the metadata entry that store `qt` in our layout."""
+    fmt = qt.fmt
+    entry: dict[str, object] = {
+        "format": qt.format,
+        "block_size": int(qt.block_size),
+        "axis": qt.axis,
+        "shape": [int(d) for d in qt.shape],
+        "dtype": dtype_code(qt.dtype),
+        "scale_dtype": dtype_code(qt.scales.dtype),
+        "tensor_scale": None if qt.tensor_scale is None else float(qt.tensor_scale),
+    }
+    pieces = {".qdata": qt.data}
+    storage, scales = "float", qt.scales
+    kind = _SCALE_STORAGE.get(fmt.name) if fmt.scale_bits == 8 else None
+    if kind == "e4m3":
+        s8 = qt.scales.astype(ml_dtypes.float8_e4m3fn)
+        if np.array_equal(s8.astype(qt.scales.dtype), qt.scales):
+            storage, scales = "e4m3", s8
+    elif kind == "e8m0":
+        m, e = np.frexp(qt.scales.astype(np.float64))
+        e = e.astype(np.int64) - 1 + 127
+        if (m == 0.5).all() and (e >= 0).all() and (e <= 254).all():
+            storage, scales = "e8m0", e.astype(np.uint8)
+    entry["scale_storage"] = storage
+    pieces[".scales"] = scales
+    zp = qt.zero_points
+    if zp is None:
+        entry["zero_point_storage"] = None
+    elif fmt.zero_point == "int" and fmt.bits == 4:
+        entry["zero_point_storage"] = "packed4"  # flat, two per byte, as QuantizedTensor counts
+        pieces[".zero_points"] = pack_nibbles(zp.reshape(-1))
+    elif fmt.zero_point == "int":
+        entry["zero_point_storage"] = "uint8"
+        pieces[".zero_points"] = zp.astype(np.uint8)
+    else:
+        entry["zero_point_storage"] = "float"
+        entry["zero_point_dtype"] = dtype_code(zp.dtype)
+        pieces[".zero_points"] = zp
+    return pieces, entry
+
+
+def _decode(entry: dict, piece: Callable[[str], np.ndarray | None]) -> QuantizedTensor:
+    """A QuantizedTensor from our metadata entry and its pieces (`piece(suffix)`; None: absent).
+
+    Raises ValueError/TypeError describing the first inconsistency; the caller names the file.
+    """
+    if not isinstance(entry, dict):
+        raise ValueError("its metadata entry is not an object")
+    need = ("format", "block_size", "axis", "shape", "dtype", "scale_dtype", "scale_storage")
+    missing = [k for k in need if k not in entry]
+    if missing:
+        raise ValueError(f"its metadata lacks {', '.join(missing)}")
+    fmt = get_format(entry["format"])
+    shape, bs, axis = entry["shape"], entry["block_size"], entry["axis"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"bad shape {shape!r}")
+    if type(bs) is not int or bs <= 0:
+        raise ValueError(f"bad block_size {bs!r}")
+    if axis is not None and (type(axis) is not int or not 0 <= axis < max(len(shape), 1)):
+        raise ValueError(f"bad axis {axis!r} for shape {shape}")
+    dtype = _np_dtype(entry["dtype"], "dtype")
+    scale_dtype = _np_dtype(entry["scale_dtype"], "scale_dtype")
+    data = piece(".qdata")
+    scales = piece(".scales")
+    zp = piece(".zero_points")
+    if data is None or scales is None:
+        raise ValueError(f"missing {'.qdata' if data is None else '.scales'}")
+    if data.dtype != np.uint8:
+        raise ValueError(f".qdata must be U8, got {data.dtype}")
+    storage = entry["scale_storage"]
+    if storage == "float":
+        if scales.dtype != scale_dtype:
+            raise ValueError(f".scales is {scales.dtype}, the metadata says {scale_dtype}")
+        scales = np.array(scales)
+    elif storage == "e4m3":
+        if scales.dtype != np.dtype(ml_dtypes.float8_e4m3fn):
+            raise ValueError(f".scales must be F8_E4M3, got {scales.dtype}")
+        scales = scales.astype(scale_dtype)
+    elif storage == "e8m0":
+        if scales.dtype != np.uint8 or (scales == 255).any():
+            raise ValueError(".scales must be E8M0 bytes (U8, 0..254)")
+        scales = np.ldexp(np.ones(scales.shape, scale_dtype), scales.astype(np.int32) - 127)
+    else:
+        raise ValueError(f"unknown scale_storage {storage!r}")
+    zp_storage = entry.get("zero_point_storage")
+    if (zp is None) != (zp_storage is None):
+        raise ValueError(
+            "has .zero_points but the metadata says none"
+            if zp_storage is None
+            else f"missing .zero_points ({zp_storage})"
+        )
+    if zp_storage == "packed4":
+        want = (-(-scales.size // 2),)
+        if zp.dtype != np.uint8 or zp.shape != want:
+            raise ValueError(f".zero_points must be U8 {want}, got {zp.dtype} {zp.shape}")
+        zp = unpack_nibbles(zp, scales.size, signed=False).view(np.uint8).reshape(scales.shape)
+    elif zp_storage == "uint8":
+        if zp.dtype != np.uint8:
+            raise ValueError(f".zero_points must be U8, got {zp.dtype}")
+        zp = np.array(zp)
+    elif zp_storage == "float":
+        want = _np_dtype(entry.get("zero_point_dtype"), "zero_point_dtype")
+        if zp.dtype != want:
+            raise ValueError(f".zero_points is {zp.dtype}, the metadata says {want}")
+        zp = np.array(zp)
+    elif zp_storage is not None:
+        raise ValueError(f"unknown zero_point_storage {zp_storage!r}")
+    ts = entry.get("tensor_scale")
+    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float))):
+        raise ValueError(f"bad tensor_scale {ts!r}")
+    return QuantizedTensor(
+        data=np.array(data),
+        scales=np.ascontiguousarray(scales),
+        zero_points=None if zp is None else np.ascontiguousarray(zp),
+        format=fmt.name,
+        block_size=bs,
+        axis=axis,
+        shape=tuple(shape),
+        dtype=dtype,
+        tensor_scale=None if ts is None else np.float32(ts),
+    )
+
+
+def _np_dtype(code, what: str) -> np.dtype:
+    entry = DTYPES.get(code) if isinstance(code, str) else None
+    if entry is None or entry[0] is None:
+        raise ValueError(f"bad {what} {code!r}")
+    return entry[0]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass
+class _Run:
+    """Settings and results of one quantize_safetensors call."""
+
+    format: str
+    block_size: int | str | None
+    axis: int | None
+    clip_ratio: float
+    layout: str
+    selection: Selection
+    progress: Callable[[dict], None] | None
+    rows: list[dict] = field(default_factory=list)
+    ct_ignore: list[str] = field(default_factory=list)
+    ct_group: int | None = None
+
+
+def quantize_safetensors(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    format: str = "int4",
+    block_size: int | str | None = "auto",
+    axis: int | None = -1,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    embeddings: bool = False,
+    all_tensors: bool = False,
+    layout: str = "quantize",
+    clip_ratio: float = 1.0,
+    overwrite: bool = False,
+    progress: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Quantize a safetensors checkpoint; returns one report row per tensor (see report.py).
+
+    src: a .safetensors file (dst: the output file, or a folder to put it in), a folder of
+    them, or a sharded checkpoint's `*.safetensors.index.json` (dst: the output folder, with
+    the same file names, a rewritten index written last, and the folder's other small files
+    such as config.json and the tokenizer copied). format / block_size / axis / clip_ratio:
+    as `quantize_tensor`. include / exclude / embeddings / all_tensors: which tensors (module
+    docstring). layout: "quantize" (NAME.qdata / .scales / .zero_points, docs/
+    safetensors-layout.md) or "compressed-tensors" (pack-quantized, for vLLM/transformers;
+    int4/uint4/int8/uint8, 2-d weights quantized along their last axis; config.json gets the
+    quantization_config).
+
+    The output appears whole or not at all (written to a temporary file/folder beside it,
+    renamed at the end); an existing output is replaced only with `overwrite`; inputs are
+    never written to. `progress(row)` is called after each tensor.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    fmt = get_format(format)
+    if layout == "compressed-tensors":
+        ct.scheme(fmt.name)
+        if axis not in (-1, 1):
+            raise ValueError(
+                f"the compressed-tensors layout quantizes along the input dimension (axis=-1), "
+                f"got axis={axis!r}"
+            )
+    resolve_block(1, block_size, fmt)  # TypeError/ValueError for a bad one, before any work
+    if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
+        raise TypeError(f"axis must be an int or None, got {axis!r}")
+    if isinstance(clip_ratio, bool) or not isinstance(clip_ratio, (int, float)):
+        raise TypeError(f"clip_ratio must be a number in (0, 1], got {clip_ratio!r}")
+    if not 0 < clip_ratio <= 1:
+        raise ValueError(f"clip_ratio must be a number in (0, 1], got {clip_ratio!r}")
+    if isinstance(include, str):
+        include = [include]
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    source = resolve(src)
+    run = _Run(
+        format=fmt.name,
+        block_size=block_size,
+        axis=axis,
+        clip_ratio=clip_ratio,
+        layout=layout,
+        selection=Selection(
+            include=list(include) if include else None,
+            exclude=list(exclude) if exclude else None,
+            embeddings=embeddings,
+            all_tensors=all_tensors,
+            layout=layout,
+        ),
+        progress=progress,
+    )
+    if layout == "compressed-tensors" and not (block_size is None or block_size == -1):
+        run.ct_group = resolve_block(0, block_size, fmt)
+    out = _output_path(source, Path(dst), overwrite)
+    with _Opened(source) as opened:
+        _refuse_quantized(opened)
+        plan = _plan(opened, run)
+        if source.single:
+            with atomic_path(out) as tmp:
+                _convert_file(opened.files[0], tmp, plan, run, out.name)
+        else:
+            with atomic_dir(out) as tmp:
+                names: dict[str, str] = {}
+                total = 0
+                for f in opened.files:
+                    written = _convert_file(f, tmp / f.path.name, plan, run, f.path.name)
+                    names.update(dict.fromkeys(written, f.path.name))
+                    total += sum(written.values())
+                _copy_companions(source, tmp, run)
+                if source.index is not None:  # last: its presence marks a complete folder
+                    index = dict(source.index_data)
+                    index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
+                    index["weight_map"] = dict(sorted(names.items()))
+                    (tmp / source.index.name).write_text(
+                        json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+                    )
+    return run.rows
+
+
+def _output_path(source: Source, dst: Path, overwrite: bool) -> Path:
+    inputs = [*source.files, *([source.index] if source.index else [])]
+    if source.single:
+        if dst.is_dir():
+            dst = dst / source.files[0].name
+        out = check_output(dst, *inputs)
+        if out.exists() and not overwrite:
+            raise OutputError(f"{out}: exists; pass overwrite=True (--force) to replace it")
+        return out
+    out = check_output(dst, *inputs, *([source.folder] if source.folder else []))
+    if out.exists():
+        if not out.is_dir():
+            raise OutputError(f"{out}: the input is a checkpoint folder, so the output is too")
+        if any(out.iterdir()) and not overwrite:
+            raise OutputError(f"{out}: exists; pass overwrite=True (--force) to replace it")
+        for p in inputs:
+            if out.resolve() in p.resolve().parents:
+                raise OutputError(f"{out}: replacing it would delete the input {p}")
+    return out
+
+
+def _refuse_quantized(opened: _Opened) -> None:
+    for f in opened.files:
+        if META_KEY in f.metadata:
+            raise ValueError(f"{f.path}: already quantized by quantize; use quantize.load")
+    path, config = _model_config(opened.source)
+    if config is not None and config.get("quantization_config"):
+        method = config["quantization_config"]
+        method = method.get("quant_method") if isinstance(method, dict) else method
+        raise ValueError(f"{path}: the model is already quantized ({method})")
+
+
+@dataclass
+class _Plan:
+    quantize: bool
+    note: str | None = None
+
+
+def _plan(opened: _Opened, run: _Run) -> dict[str, _Plan]:
+    """For every tensor: quantize or keep (and why); refuses output names that collide."""
+    plan: dict[str, _Plan] = {}
+    for name, f in opened.where.items():
+        info = f.tensors[name]
+        why = run.selection.why_not(name, info.dtype, info.shape)
+        if why is None and run.layout == "compressed-tensors":
+            why = ct.representable(info.shape, run.ct_group)
+            if why is None and not (name == "weight" or name.endswith(".weight")):
+                why = "compressed-tensors stores module weights (NAME.weight) only"
+        elif why is None and run.axis is not None and info.shape:
+            ax = run.axis if run.axis >= 0 else run.axis + len(info.shape)
+            if not 0 <= ax < len(info.shape):
+                why = f"axis {run.axis} is out of range for shape {list(info.shape)}"
+        plan[name] = _Plan(why is None, why)
+    outputs: dict[str, str] = {n: n for n, p in plan.items() if not p.quantize}
+    for name, p in plan.items():
+        if not p.quantize:
+            continue
+        if run.layout == "quantize":
+            new = [name + s for s in PIECES]
+        else:
+            base = name[: -len("weight")]
+            new = [base + s for s in ct.SUFFIXES]
+        for n in new:
+            if n in opened.where or n in outputs:
+                raise ValueError(
+                    f"{opened.where[name].path}: tensor {name!r} would be stored as {n!r}, "
+                    f"which is taken by {outputs.get(n, n)!r}"
+                )
+            outputs[n] = name
+    if run.layout == "compressed-tensors":
+        run.ct_ignore = sorted(
+            name[: -len(".weight")]
+            for name, p in plan.items()
+            if not p.quantize
+            and name.endswith(".weight")
+            and len(opened.where[name].tensors[name].shape) == 2
+            and not is_embedding(name)
+        )
+    return plan
+
+
+def _convert_file(
+    f: SafetensorsFile, dest: Path, plan: dict[str, _Plan], run: _Run, out_name: str
+) -> dict[str, int]:
+    """Write `f` quantized to `dest`; returns the bytes of every tensor written."""
+    from .. import __version__
+
+    entries: dict[str, dict] = {}
+    with SafetensorsWriter(dest) as w:
+        for name, info in f.tensors.items():
+            p = plan[name]
+            if not p.quantize:
+                w.add_raw(name, info.dtype, info.shape, f.raw(name))
+                f.release(name)
+                _emit(run, _kept_row(name, info, out_name, p.note))
+                continue
+            arr = f.array(name)
+            start = time.perf_counter()
+            try:
+                qt = quantize_tensor(
+                    arr, run.format, run.block_size, run.axis, clip_ratio=run.clip_ratio
+                )
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{f.path}: tensor {name!r}: {exc}") from None
+            if run.layout == "quantize":
+                pieces, entry = _encode(qt)
+                stored, written = qt, {name + s: a for s, a in pieces.items()}
+                extra = 0 if qt.tensor_scale is None else 4  # kept in the header
+            else:
+                scale_dtype = arr.dtype if info.dtype in WEIGHT_FLOATS else np.float32
+                pieces, stored = ct.encode(qt, scale_dtype)
+                base = name[: -len("weight")]
+                written = {base + s: a for s, a in pieces.items()}
+                entry = {
+                    "format": qt.format,
+                    "block_size": int(qt.block_size),
+                    "axis": qt.axis,
+                    "shape": [int(d) for d in qt.shape],
+                    "dtype": dtype_code(qt.dtype),
+                }
+                extra = 0
+            for n, a in written.items():
+                w.add(n, a)
+            seconds = time.perf_counter() - start
+            entries[name] = entry
+            nbytes = sum(a.nbytes for a in written.values()) + extra
+            _emit(run, _quantized_row(name, arr, stored, info, out_name, nbytes, seconds))
+            del arr, qt, stored, pieces, written
+            f.release(name)
+        meta = dict(f.metadata)
+        meta.setdefault("format", "pt")  # transformers refuses files whose metadata lacks it
+        ours: dict[str, object] = {
+            "layout": run.layout,
+            "layout_version": LAYOUT_VERSION,
+            "library": "quantize",
+            "version": __version__,
+            "tensors": entries,
+        }
+        if run.layout == "compressed-tensors":
+            ours["quantization_config"] = ct.quantization_config(
+                run.format, run.ct_group, run.ct_ignore
+            )
+        meta[META_KEY] = json.dumps(ours, separators=(",", ":"), sort_keys=True)
+        w.metadata = meta
+        written_bytes = w.nbytes
+    return written_bytes
+
+
+def _emit(run: _Run, row: dict) -> None:
+    run.rows.append(row)
+    if run.progress is not None:
+        run.progress(row)
+
+
+def _kept_row(name: str, info, out_name: str, note: str | None) -> dict:
+    bits = DTYPES[info.dtype][1]
+    return {
+        "name": name,
+        "quantized": False,
+        "format": None,
+        "dtype": info.dtype,
+        "shape": list(info.shape),
+        "block_size": None,
+        "bits_per_weight": float(bits),
+        "bytes_before": info.nbytes,
+        "bytes_after": info.nbytes,
+        "file": out_name,
+        "note": note,
+    }
+
+
+def _quantized_row(name, arr, stored, info, out_name, nbytes, seconds) -> dict:
+    row = {
+        "name": name,
+        "quantized": True,
+        "format": stored.format,
+        "dtype": info.dtype,
+        "shape": list(info.shape),
+        "block_size": int(stored.block_size),
+        "bits_per_weight": 8.0 * nbytes / info.size,
+        "bytes_before": info.nbytes,
+        "bytes_after": int(nbytes),
+        "file": out_name,
+        "seconds": seconds,
+        "note": None,
+    }
+    row.update(error_stats_chunked(arr, stored.dequantize(np.float32)))
+    return row
+
+
+def _copy_companions(source: Source, dest: Path, run: _Run) -> None:
+    """Copy the model folder's other top-level files; config.json gets the CT config."""
+    if source.folder is None:
+        return
+    for p in sorted(source.folder.iterdir()):
+        if (
+            not p.is_file()
+            or p.name.startswith(".")
+            or p.name.endswith(_WEIGHT_SUFFIXES)
+            or p.name.endswith(".index.json")
+        ):
+            continue
+        if p.name == "config.json" and run.layout == "compressed-tensors":
+            _, config = _model_config(source)
+            config["quantization_config"] = ct.quantization_config(
+                run.format, run.ct_group, run.ct_ignore
+            )
+            (dest / p.name).write_text(
+                json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+            )
+        else:
+            shutil.copy2(p, dest / p.name)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load(path: str | os.PathLike) -> dict[str, QuantizedTensor | np.ndarray]:
+    """Read a checkpoint back: quantized tensors as QuantizedTensor, the rest as arrays.
+
+    path: a .safetensors file, a folder, or a `*.safetensors.index.json`. Reads our layout,
+    and compressed-tensors pack-quantized checkpoints (ours, or others' with a config.json
+    beside them saying pack-quantized, 4 or 8 bits). Everything is checked; any inconsistency
+    (unknown format, shapes or dtypes that do not fit, a missing piece) is a ValueError naming
+    the file and the tensor. Arrays are copies: nothing stays mapped.
+    """
+    source = resolve(path)
+    out: dict[str, QuantizedTensor | np.ndarray] = {}
+    with _Opened(source) as opened:
+        metas = {f.path: _our_metadata(f) for f in opened.files}
+        consumed: dict[str, str] = {}  # piece -> the tensor it belongs to
+        ct_bits = None
+        foreign_ct = any(n.endswith(".weight_packed") for n in opened.where) and not any(
+            metas.values()
+        )
+        if foreign_ct:
+            cpath, config = _model_config(source)
+            qc = (config or {}).get("quantization_config")
+            if isinstance(qc, dict):
+                try:
+                    ct_bits, _ = ct.config_scheme(qc)
+                except ValueError as exc:
+                    raise ValueError(f"{cpath}: {exc}") from None
+        for f in opened.files:
+            meta = metas[f.path]
+            if meta is not None:
+                for name, entry in meta["tensors"].items():
+                    _load_entry(opened, f, meta["layout"], name, entry, out, consumed)
+                _check_strays(f, meta, consumed)
+        if foreign_ct:
+            for name, f in opened.where.items():
+                if name.endswith(".weight_packed"):
+                    base = name[: -len("weight_packed")]
+                    pieces = {s: base + s for s in ct.SUFFIXES if base + s in opened.where}
+
+                    def get(n, f=f):
+                        return opened.where[n].array(n)
+
+                    out[base + "weight"] = _ct_tensor(f, base + "weight", pieces, get, ct_bits, {})
+                    consumed.update(dict.fromkeys(pieces.values(), base + "weight"))
+        for name, f in opened.where.items():
+            if name in consumed:
+                continue
+            if name in out:
+                raise ValueError(f"{f.path}: tensor {name!r} is stored both quantized and plain")
+            try:
+                out[name] = np.array(f.array(name))
+            except ValueError as exc:
+                raise ValueError(f"{exc}; load cannot return it") from None
+        order = dict.fromkeys(consumed.get(name, name) for name in opened.where)
+    return {name: out[name] for name in order}
+
+
+def _load_entry(opened, f, layout, name, entry, out, consumed) -> None:
+    if name in out:
+        raise ValueError(f"{f.path}: tensor {name!r} is described twice")
+    if layout == "quantize":
+        names = {s: name + s for s in PIECES if name + s in f.tensors}
+
+        def piece(suffix):
+            n = names.get(suffix)
+            return None if n is None else f.array(n)
+
+        try:
+            out[name] = _decode(entry, piece)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{f.path}: tensor {name!r}: {exc}") from None
+        consumed.update(dict.fromkeys(names.values(), name))
+    else:
+        if not name.endswith("weight"):
+            raise ValueError(f"{f.path}: tensor {name!r}: not a module weight")
+        base = name[: -len("weight")]
+        pieces = {s: base + s for s in ct.SUFFIXES if base + s in f.tensors}
+        if not isinstance(entry, dict):
+            raise ValueError(f"{f.path}: tensor {name!r}: its metadata entry is not an object")
+        try:
+            bits = ct.scheme(entry.get("format"))[0]
+        except ValueError as exc:
+            raise ValueError(f"{f.path}: tensor {name!r}: {exc}") from None
+        out[name] = _ct_tensor(f, name, pieces, f.array, bits, entry)
+        consumed.update(dict.fromkeys(pieces.values(), name))
+
+
+def _ct_tensor(f, name, pieces, get, bits, entry) -> QuantizedTensor:
+    try:
+        arrays = {s: np.array(get(n)) for s, n in pieces.items()}  # copies: nothing stays mapped
+        dtype = None if "dtype" not in entry else _np_dtype(entry["dtype"], "dtype")
+        qt = ct.decode(arrays, bits, entry.get("block_size"), dtype)
+        if "format" in entry and entry["format"] != qt.format:
+            raise ValueError(f"the metadata says {entry['format']}, the tensors hold {qt.format}")
+        if "shape" in entry and list(qt.shape) != entry["shape"]:
+            raise ValueError(f"the metadata says shape {entry['shape']}, weight_shape {qt.shape}")
+        return qt
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{f.path}: tensor {name!r}: {exc}") from None
+
+
+def _check_strays(f: SafetensorsFile, meta: dict, consumed: dict[str, str]) -> None:
+    """A piece of our layout with no metadata entry means a damaged or edited file."""
+    suffixes = PIECES if meta["layout"] == "quantize" else tuple("." + s for s in ct.SUFFIXES)
+    for name in f.tensors:
+        if name not in consumed and name.endswith(suffixes):
+            raise ValueError(f"{f.path}: tensor {name!r} looks quantized but has no metadata entry")
+
+
+def report_base(dst: str | os.PathLike) -> Path:
+    """Where the reports of an output go: OUT.safetensors -> OUT.report(.json/.md), beside it."""
+    p = Path(dst)
+    name = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else p.name
+    return p.with_name(name + ".report")
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """What a checkpoint holds, for `quantize inspect`: files, metadata, tensors, our entries."""
+    source = resolve(path)
+    files = []
+    with _Opened(source) as opened:
+        for f in opened.files:
+            meta = _our_metadata(f)
+            files.append(
+                {
+                    "path": str(f.path),
+                    "metadata": {k: v for k, v in f.metadata.items() if k != META_KEY},
+                    "quantize": meta,
+                    "tensors": [
+                        {"name": n, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes}
+                        for n, t in f.tensors.items()
+                    ],
+                }
+            )
+    return {"source": str(source.path), "index": str(source.index or ""), "files": files}
