@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+import tempfile
 import sys
 
 import pytest
@@ -13,7 +14,8 @@ from quantize.commands import demo
 
 
 def test_demo_prints_a_table_for_every_format_and_block(capsys):
-    assert cli.main(["demo", "--formats", "int4", "uint4", "--block-size", "32", "64"]) == 0
+    argv = ["demo", "--formats", "int4", "uint4", "--block-size", "32", "64", "--no-model"]
+    assert cli.main(argv) == 0
     out = capsys.readouterr().out
     lines = [ln.split() for ln in out.splitlines() if ln.strip().startswith(("int4", "uint4"))]
     assert [(ln[0], ln[1]) for ln in lines] == [
@@ -28,7 +30,9 @@ def test_demo_prints_a_table_for_every_format_and_block(capsys):
 
 
 def test_demo_rows_get_better_with_smaller_blocks_and_more_bits():
-    rows = demo.run_demo(["int4", "int8"], [32, 128], out=io.StringIO())
+    rows = demo.run_demo(
+        [("int4", 32), ("int4", 128), ("int8", 32), ("int8", 128)], out=io.StringIO()
+    )
     by = {(r["format"], r["block"]): r for r in rows}
     assert by[("int4", 32)]["sqnr"] > by[("int4", 128)]["sqnr"]
     assert by[("int8", 128)]["sqnr"] > by[("int4", 32)]["sqnr"] + 15
@@ -91,3 +95,28 @@ def test_import_loads_no_compiler():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout.strip() == "False"
+
+
+def test_demo_model_runs_in_onnxruntime_and_keeps_files_only_with_o(tmp_path, capsys, monkeypatch):
+    rows = demo.run_model_demo(tmp_path, out=io.StringIO())
+    assert [r["model"] for r in rows] == [
+        f"demo_block.{f}.b{b}.onnx" for f, b in demo.MODEL_CONFIGS
+    ]
+    for r in rows:
+        assert 5 < r["ratio"] < 8  # 4-bit codes plus scales, against float32
+        assert 0.9 < r["cosine"] < 1.0  # really quantized, and still the same model
+    assert (tmp_path / "demo_block.onnx").exists()
+    by = {r["model"]: r for r in rows}
+    assert by["demo_block.int4.b32.onnx"]["cosine"] > by["demo_block.int4.b128.onnx"]["cosine"]
+
+    scratch, cwd = tmp_path / "tmp", tmp_path / "cwd"
+    scratch.mkdir()
+    cwd.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.chdir(cwd)
+    assert cli.main(["demo", "--formats", "int4", "--block-size", "32"]) == 0
+    assert not list(scratch.iterdir()) and not list(cwd.iterdir())  # nothing kept without -o
+    assert "output cosine" in capsys.readouterr().out
+    kept = tmp_path / "kept"
+    assert cli.main(["demo", "--formats", "int4", "--block-size", "32", "-o", str(kept)]) == 0
+    assert len(list(kept.glob("*.onnx"))) == 1 + len(demo.MODEL_CONFIGS)

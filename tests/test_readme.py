@@ -23,7 +23,7 @@ def test_python_examples_run():
 def test_two_commands_and_ci_runs_the_test_command():
     commands = [b.strip() for b in blocks("bash")]
     assert commands == [
-        "pip install . && quantize demo",
+        'pip install ".[onnx]" && quantize demo',
         'pip install ".[test]" && python -m pytest',
     ]
     ci = (ROOT / ".ci" / "run").read_text()
