@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import subprocess
-import tempfile
 import sys
+import tempfile
 
 import pytest
 
