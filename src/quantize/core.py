@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from . import kernels
 from ._checks import (
     as_real_array,
     check_block_size,
@@ -86,15 +87,15 @@ def quantize_prepared(
     n = work.shape[ax]
     bs = resolve_block(n, block_size, fmt)
 
-    blocks = to_blocks(work.astype(compute_dtype(arr.dtype), copy=False), bs, ax)
-    tensor_scale = fmt.tensor_scale(blocks)
-    scale, zp = fmt.choose_params(blocks, clip_ratio)
-    pad = n_blocks(n, bs) * bs - n
-    if pad:  # the padding is stored as the code of 0, whatever value stood in for it
-        blocks[..., -1, bs - pad :] = 0
-    codes = fmt.encode(blocks, effective_scale(scale, tensor_scale), zp)
-    flat = codes.reshape(*codes.shape[:-2], -1)
-    data = pack_nibbles(flat) if fmt.bits == 4 else flat.view(np.uint8)
+    if (
+        clip_ratio == 1.0
+        and compute_dtype(arr.dtype) == np.float32
+        and kernels.wanted(fmt, np.float32, arr.size)
+    ):
+        data, scale, zp = _quantize_with_kernel(work, fmt.name, bs, ax)
+        tensor_scale = None
+    else:
+        data, scale, zp, tensor_scale = _quantize_with_numpy(work, fmt, bs, ax, clip_ratio)
     return QuantizedTensor(
         data=np.ascontiguousarray(data),
         scales=np.ascontiguousarray(scale),
@@ -106,6 +107,32 @@ def quantize_prepared(
         dtype=arr.dtype,
         tensor_scale=tensor_scale,
     )
+
+
+def _quantize_with_numpy(work: np.ndarray, fmt: Format, bs: int, ax: int, clip_ratio: float):
+    """The reference path: every format, every dtype; what the kernels are held to."""
+    n = work.shape[ax]
+    blocks = to_blocks(work.astype(compute_dtype(work.dtype), copy=False), bs, ax)
+    tensor_scale = fmt.tensor_scale(blocks)
+    scale, zp = fmt.choose_params(blocks, clip_ratio)
+    pad = n_blocks(n, bs) * bs - n
+    if pad:  # the padding is stored as the code of 0, whatever value stood in for it
+        blocks[..., -1, bs - pad :] = 0
+    codes = fmt.encode(blocks, effective_scale(scale, tensor_scale), zp)
+    flat = codes.reshape(*codes.shape[:-2], -1)
+    data = pack_nibbles(flat) if fmt.bits == 4 else flat.view(np.uint8)
+    return data, scale, zp, tensor_scale
+
+
+def _quantize_with_kernel(work: np.ndarray, name: str, bs: int, ax: int):
+    """The fused numba path for int4/uint4 (bit for bit the NumPy path's result)."""
+    moved = np.moveaxis(work, ax, -1)  # a view; C-contiguous already when ax is the last axis
+    rows, n = moved.shape[:-1], moved.shape[-1]
+    if not kernels.available(name, moved.dtype):  # ints, float8: widen as the NumPy path does
+        moved = moved.astype(np.float32)
+    packed, scale, zp = kernels.quantize_rows(name, np.ascontiguousarray(moved).reshape(-1, n), bs)
+    zp = None if zp is None else zp.reshape(*rows, -1)
+    return packed.reshape(*rows, -1), scale.reshape(*rows, -1), zp
 
 
 def dequantize_tensor(qt: QuantizedTensor, dtype: Any = None) -> np.ndarray:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import DTypeLike
 
+from . import kernels
 from ._checks import check_finite, is_float_dtype
 from .blocking import from_blocks, params_to_axis
 from .formats import Format, get_format
@@ -151,6 +152,12 @@ class QuantizedTensor:
         largest finite value, never inf.
         """
         target = self.float_dtype if dtype is None else _float_dtype(dtype)
+        if (
+            self.tensor_scale is None
+            and self.scales.dtype == np.float32
+            and kernels.wanted(self.fmt, target, self.size, "dequantize")
+        ):
+            return self._dequantize_with_kernel(target)
         _, n, axis = self._work_shape
         # code * scale (* tensor scale) is exact in float64 for every format here, so computing
         # there and casting once gives the correctly rounded value in any output dtype
@@ -166,6 +173,23 @@ class QuantizedTensor:
     @property
     def float_dtype(self) -> np.dtype:
         return self.dtype if is_float_dtype(self.dtype) else np.dtype(np.float32)
+
+    def _dequantize_with_kernel(self, target: np.dtype) -> np.ndarray:
+        rows, n, axis = self._work_shape
+        nb = self.scales.shape[-1]
+        zp = None if self.zero_points is None else self.zero_points.reshape(-1, nb)
+        out = kernels.dequantize_rows(
+            self.format,
+            self.data.reshape(-1, self.data.shape[-1]),
+            self.scales.reshape(-1, nb),
+            zp,
+            n,
+            self.block_size,
+            target,
+        ).reshape(*rows, n)
+        if self.axis is None:
+            return out.reshape(self.shape)
+        return np.ascontiguousarray(np.moveaxis(out, -1, axis))
 
     def scales_along_axis(self) -> np.ndarray:
         """Scales in the tensor's own layout, nb at `axis` (ONNX block-wise DequantizeLinear)."""
