@@ -19,18 +19,24 @@ def error_stats(original: np.ndarray, reconstructed: np.ndarray) -> dict[str, fl
     """
     x = np.asarray(original, dtype=np.float64)
     err = np.asarray(reconstructed, dtype=np.float64) - x
-    signal = float(np.mean(x * x))
-    noise = float(np.mean(err * err))
-    std = float(x.std())
+    emax = float(np.abs(err).max()) if err.size else 0.0
+    amax = float(np.abs(x).max()) if x.size else 0.0
+    return _figures(float(np.mean(x * x)), float(np.mean(err * err)), emax, amax, float(x.std()))
+
+
+def _figures(signal: float, noise: float, emax: float, amax: float, std: float) -> dict:
+    """The report's error figures from mean squares, the largest errors and the spread."""
+    if noise == 0:
+        rel_rmse, sqnr_db = 0.0, np.inf
+    elif signal == 0:
+        rel_rmse, sqnr_db = np.inf, -np.inf
+    else:
+        rel_rmse, sqnr_db = float(np.sqrt(noise / signal)), float(10 * np.log10(signal / noise))
     return {
-        "rel_rmse": 0.0 if noise == 0 else float(np.sqrt(noise / signal)) if signal else np.inf,
-        "sqnr_db": np.inf
-        if noise == 0
-        else float(10 * np.log10(signal / noise))
-        if signal
-        else -np.inf,
-        "max_abs_err": float(np.abs(err).max()) if err.size else 0.0,
-        "outlier_ratio": float(np.abs(x).max() / std) if std > 0 else 1.0,
+        "rel_rmse": rel_rmse,
+        "sqnr_db": sqnr_db,
+        "max_abs_err": emax,
+        "outlier_ratio": amax / std if std > 0 else 1.0,
     }
 
 
@@ -64,16 +70,7 @@ def error_stats_chunked(
         d = x_all[sl].astype(np.float64) - mean
         s_dd += float(np.dot(d, d))
     signal, noise, std = s_xx / total, s_ee / total, float(np.sqrt(s_dd / total))
-    return {
-        "rel_rmse": 0.0 if noise == 0 else float(np.sqrt(noise / signal)) if signal else np.inf,
-        "sqnr_db": np.inf
-        if noise == 0
-        else float(10 * np.log10(signal / noise))
-        if signal
-        else -np.inf,
-        "max_abs_err": emax,
-        "outlier_ratio": amax / std if std > 0 else 1.0,
-    }
+    return _figures(signal, noise, emax, amax, std)
 
 
 def tensor_report(name: str, original: np.ndarray, qt: QuantizedTensor) -> dict[str, object]:
