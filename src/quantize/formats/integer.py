@@ -2,7 +2,8 @@
 
 Scale rules are round-to-nearest defaults; algorithms may pass other scales to `encode`.
 Every rule guarantees a block's extremes do not clip by more than half a step, so the error of
-every element is at most scale/2 (plus float rounding), also for subnormal and huge blocks.
+every element is at most scale/2 (plus float rounding), also for subnormal and huge blocks;
+but int4_ort, ONNX Runtime's own rule, which clips one end of the range by up to one step.
 """
 
 from __future__ import annotations
@@ -115,19 +116,30 @@ class AffineUInt(Format):
 
 
 class AffineIntFloatZero(Format):
-    """Signed codes in [-8, 7] with a float zero point: the block's [min, max] maps onto [-8, 7].
+    """Codes in [code_min, code_max] with a float zero point: a block's [min, max] maps onto them.
 
-    scale = (max - min)/15, zero_point = -8 - min/scale, x ~ (code - zero_point) * scale. A
-    constant block c gets scale |c| (1 if c == 0), zero point 0 and code sign(c): exact.
+    scale = (max - min)/steps (steps = code_max - code_min = 15 for 4 bits), zero_point =
+    code_min - min/scale, x ~ (code - zero_point) * scale. Two code ranges share this rule:
+    signed [-8, 7] (int4_affine) and unsigned [0, 15] (uint4_float_zp, HQQ's zero point:
+    z = -min/s). A constant block c gets scale |c| (1 if c == 0) and zero point 0 (1 for a
+    negative c on unsigned codes), so c is the code zero_point + sign(c): exact.
     """
 
     zero_point = "float"
 
-    def __init__(self, bits: int = 4):
+    def __init__(self, bits: int = 4, signed: bool = True):
         self.bits = bits
-        self.name = f"int{bits}_affine"
-        self.code_min, self.code_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-        self.description = f"signed {bits}-bit, [min, max] -> [{self.code_min}, {self.code_max}]"
+        if signed:
+            self.name = f"int{bits}_affine"
+            self.code_min, self.code_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+            kind = "signed"
+        else:
+            self.name = f"uint{bits}_float_zp"
+            self.code_min, self.code_max = 0, 2**bits - 1
+            kind = "unsigned"
+        self.description = (
+            f"{kind} {bits}-bit, float zero point, [min, max] -> [{self.code_min}, {self.code_max}]"
+        )
 
     def choose_params(self, blocks, clip_ratio=1.0):
         dt = blocks.dtype.type
@@ -140,15 +152,104 @@ class AffineIntFloatZero(Format):
         const = span == 0
         scale = np.where(const, np.abs(lo), scale)
         scale = _cover(scale, np.where(const, np.abs(lo) * unit, span), steps, unit)
-        zp = np.where(const, dt(0), dt(self.code_min) - lo / scale)
+        const_zp = np.maximum(dt(0), dt(self.code_min) - np.sign(lo))  # 0; 1 if unsigned, c < 0
+        zp = np.where(const, const_zp, dt(self.code_min) - lo / scale)
         return scale, zp.astype(blocks.dtype)
 
     def encode(self, blocks, scale, zero_point):
         q = np.rint(blocks / scale[..., None] + zero_point[..., None])
-        return np.clip(q, self.code_min, self.code_max).astype(np.int8)
+        codes = np.clip(q, self.code_min, self.code_max)
+        return codes.astype(np.int8 if self.code_min < 0 else np.uint8)
 
     def decode(self, codes, scale, zero_point):
         return (codes.astype(scale.dtype) - zero_point[..., None]) * scale[..., None]
+
+
+def _round_half_up(y: np.ndarray) -> np.ndarray:
+    """C's roundf for y >= 0 (ties away from zero), exactly: y - floor(y) is exact in floats.
+
+    Overwrites `y` (with its fractional part); returns the rounded values in a new array.
+    """
+    t = np.floor(y)
+    y -= t
+    t += y >= y.dtype.type(0.5)
+    return t
+
+
+class OrtInt4(AffineUInt):
+    """ONNX Runtime's symmetric int4 rule for MatMulNBits, bit for bit (4 bits only).
+
+    What ORT does (onnxruntime/core/mlas/lib/q4_dq.cpp, `range2scale` and
+    `BlockwiseQuantizer::quantizeAndTranspose`, called by `quantize_matmul_4bits`, which
+    `MatMulNBitsQuantizer` uses with is_symmetric=True): per block of K, the extreme
+    e = max if |max| > |min| else min (a tie |max| = |min| picks min), scale_ort = -e/8, and
+
+        q = clamp(roundf(x * (1/scale_ort) + 8), 0, 15)   (float32; roundf: ties up here)
+
+    stored unsigned with the implicit zero point 8: x ~ (q - 8) * scale_ort. The extreme maps
+    to -8 exactly; the other end of the range clips at +7, so elements there can be off by up
+    to one step (|x - x̂| <= scale, not scale/2; e.g. a block [-3, 3]: 3 comes back as 2.625).
+    Elsewhere rounding is to nearest, ties toward +inf in units of scale_ort.
+
+    scale_ort is negative when the extreme is positive; QuantizedTensor keeps scales > 0, so
+    this format stores the same grid as unsigned codes with a per-block zero point 8 or 7:
+    scale = |scale_ort| and
+      e <= 0: zero point 8, code = q        (grid -8..7 steps; ORT's scale > 0)
+      e > 0:  zero point 7, code = 15 - q   (grid -7..8 steps; ORT's scale < 0)
+    so x ~ (code - zero point) * scale is ORT's value exactly. `to_ort` gives ORT's own
+    unsigned codes and signed scales back. The zero point only carries the scale's sign, yet is
+    stored (and counted in nbytes) as a 4-bit zero point: 4/block_size bits per weight more
+    than ORT's layout (0.125 at block 32, 0.03 at 128).
+
+    Where this differs from ORT, on purpose: an all-zero block gets scale 1 (ORT: -0.0; both
+    code 8 = zero point); a block whose 1/scale_ort overflows (|e| < 2^-125 in float32, e.g.
+    subnormal weights, where ORT multiplies by inf and produces garbage codes) divides
+    instead, and its scale is nudged up by ulps when e/8 rounds (subnormal); padding of the
+    last block is the code of 0 (ORT does not write it: its padding bytes stay 0, and for an
+    odd K the last byte's high nibble repeats an earlier code). float64 input follows the same
+    steps in float64; float16/bfloat16 in float32 (ORT's float16 path stores float16 scales,
+    the same values while |e| >= 2^-11; below, e/8 is float16-subnormal and ORT's rounds).
+    """
+
+    def __init__(self):
+        super().__init__(4)
+        self.name = "int4_ort"
+        self.description = "ONNX Runtime MatMulNBits symmetric int4: extreme -> -8, +7 clips"
+
+    def choose_params(self, blocks, clip_ratio=1.0):
+        lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
+        ext = np.where(np.abs(hi) > np.abs(lo), hi, lo)
+        if clip_ratio != 1.0:
+            ext = ext * blocks.dtype.type(clip_ratio)
+        amax = np.abs(ext)
+        scale = _cover(amax / blocks.dtype.type(8), amax, 7.5)  # 7.5 + 1/2: 8 steps hold amax
+        zp = np.where(ext > 0, np.uint8(7), np.uint8(8))
+        return scale, zp
+
+    def encode(self, blocks, scale, zero_point):
+        flip = zero_point == 7
+        s = np.where(flip, -scale, scale)[..., None]  # ORT's signed scale
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            rcp = s.dtype.type(1) / s
+            v = blocks * rcp
+        tiny = ~np.isfinite(rcp)
+        if tiny.any():  # |scale| < 1/max: ORT's reciprocal is inf; divide instead
+            v = np.where(tiny, blocks / s, v)
+        v += v.dtype.type(8)
+        q = _round_half_up(v)
+        q = np.clip(q, 0, 15, out=q).astype(np.uint8)
+        q ^= (flip * np.uint8(15)).astype(np.uint8)[..., None]  # 15 - q where flipped
+        return q
+
+    @staticmethod
+    def to_ort(codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray):
+        """(codes, scales, zero points) of this format -> ORT's (unsigned codes, signed scales).
+
+        ORT's value is (ort_code - 8) * ort_scale. Shapes: codes (..., nb, bs), the rest (..., nb).
+        """
+        flip = np.asarray(zero_point) == 7
+        ort_codes = np.where(flip[..., None], 15 - codes.astype(np.uint8), codes).astype(np.uint8)
+        return ort_codes, np.where(flip, -scale, scale).astype(scale.dtype)
 
 
 def integer_format(bits: int, zero_point: bool) -> Format:
@@ -162,3 +263,5 @@ UINT4 = register(AffineUInt(4))
 INT8 = register(SymmetricInt(8))
 UINT8 = register(AffineUInt(8))
 INT4_AFFINE = register(AffineIntFloatZero(4))
+UINT4_FLOAT_ZP = register(AffineIntFloatZero(4, signed=False))
+INT4_ORT = register(OrtInt4())
