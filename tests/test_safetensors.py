@@ -965,3 +965,26 @@ def test_through_the_cli_entry_point(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main(["safetensors", "--help"])
     assert "quantize safetensors model.safetensors -o" in capsys.readouterr().out
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    """mkstemp/mkdtemp make owner-only files; what we write must be readable as any file is."""
+    import os
+    import stat
+
+    from quantize.io.atomic import atomic_dir, atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "f.bin") as p:
+            p.write_bytes(b"x")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "inner").write_bytes(b"y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+    os.chmod(tmp_path / "f.bin", 0o640)
+    with atomic_path(tmp_path / "f.bin") as p:  # a replaced file keeps its mode
+        p.write_bytes(b"z")
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o640

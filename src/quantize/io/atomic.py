@@ -25,6 +25,22 @@ def check_output(output: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _public_mode(path: Path, final: Path, is_dir: bool) -> None:
+    """Give a temp file/folder the mode a plain open()/mkdir() would have had (mkstemp and
+    mkdtemp make them owner-only), or the mode of the file it replaces."""
+    if final.exists():
+        mode = final.stat().st_mode & 0o7777
+    else:
+        mode = (0o777 if is_dir else 0o666) & ~_umask()
+    os.chmod(path, mode)
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success rename it onto `final`, else delete it.
@@ -40,6 +56,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        _public_mode(tmp_path, final, is_dir=False)
         os.replace(tmp_path, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -59,6 +76,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
+        _public_mode(tmp, final, is_dir=True)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
