@@ -641,6 +641,9 @@ def test_command_options_reach_the_model(tmp_path):
     dq = onnx.load(str(out)).graph.node[0]
     assert dq.op_type == "DequantizeLinear" and dq.attribute[1].i == 16
     args = parse(["onnx", str(src), "-o", str(out), "--exclude", "W"])
+    with pytest.raises(ValueError, match="already exists"):  # no silent replacing
+        args.run(args, out=io.StringIO())
+    args = parse(["onnx", str(src), "-o", str(out), "--exclude", "W", "--force"])
     with pytest.raises(ValueError, match="no quantizable weights"):
         args.run(args, out=io.StringIO())
     args = parse(["onnx", str(src), "-o", str(out), "--inputs", str(tmp_path / "no.npz")])

@@ -149,7 +149,7 @@ def run_model_demo(folder: Path, out=None) -> list[dict] | None:
         q_path = folder / f"demo_block.{fmt}.b{bs}.onnx"
         start = time.perf_counter()
         result = quantize_onnx_file(
-            float_path, q_path, format=fmt, block_size=bs, output="matmulnbits"
+            float_path, q_path, format=fmt, block_size=bs, output="matmulnbits", overwrite=True
         )
         seconds = time.perf_counter() - start
         checked = check_models(float_path, q_path, n=4, seed=0)

@@ -79,6 +79,7 @@ def add_parser(sub) -> None:
         action="store_true",
         help="also quantize Gather embeddings (DequantizeLinear + Gather, opset 21)",
     )
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument(
         "--check",
         action="store_true",
@@ -116,6 +117,7 @@ def run(args, out=None) -> int:
         exclude_op_types=args.exclude_op_type,
         accuracy_level=args.accuracy_level,
         quantize_gather=args.gather,
+        overwrite=args.force,
     )
     rows = [
         {

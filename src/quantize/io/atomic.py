@@ -13,13 +13,18 @@ class OutputError(ValueError):
     """The output path cannot be used (it is the input, or its folder does not exist)."""
 
 
-def check_output(output: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
-    """`output` as a Path, refusing one that would overwrite an input or has no folder."""
+def check_output(
+    output: str | os.PathLike, *inputs: str | os.PathLike, overwrite: bool = True
+) -> Path:
+    """`output` as a Path, refusing one that would overwrite an input or has no folder, and an
+    existing one unless `overwrite`."""
     out = Path(output)
     for inp in inputs:
         p = Path(inp)
         if out.resolve() == p.resolve() or (out.exists() and p.exists() and out.samefile(p)):
             raise OutputError(f"{out}: the output would overwrite the input")
+    if not overwrite and out.exists() and (out.is_file() or any(out.iterdir())):
+        raise OutputError(f"{out}: already exists (--force, or overwrite=True, replaces it)")
     if not out.parent.is_dir():
         raise OutputError(f"{out}: the folder {out.parent} does not exist")
     return out

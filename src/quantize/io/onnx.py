@@ -802,18 +802,20 @@ def quantize_onnx_file(
     /,
     *,
     external_data: bool | None = None,
+    overwrite: bool = False,
     **options: Any,
 ) -> dict:
     """Quantize the model file `src` into `dst` (never touching `src` or its data files).
 
     options: as for `quantize_onnx_model`. external_data: None writes a data file if the input
-    had one or the output would pass 2 GiB. Returns {"rows", "skipped", "notes", "input_files",
+    had one or the output would pass 2 GiB. An existing `dst` is replaced only with `overwrite`.
+    Returns {"rows", "skipped", "notes", "input_files",
     "output_files", "input_bytes", "output_bytes"}.
     """
     src = Path(src)
     if not src.exists():
         raise ValueError(f"{src}: no such file")
-    out = check_output(dst, src)
+    out = check_output(dst, src, overwrite=overwrite)
     model, data_files = load_model(src)
     check_output(out, *data_files)
     details: dict = {}

@@ -526,14 +526,14 @@ def _output_path(source: Source, dst: Path, overwrite: bool) -> Path:
             dst = dst / source.files[0].name
         out = check_output(dst, *inputs)
         if out.exists() and not overwrite:
-            raise OutputError(f"{out}: exists; pass overwrite=True (--force) to replace it")
+            raise OutputError(f"{out}: already exists (--force, or overwrite=True, replaces it)")
         return out
     out = check_output(dst, *inputs, *([source.folder] if source.folder else []))
     if out.exists():
         if not out.is_dir():
             raise OutputError(f"{out}: the input is a checkpoint folder, so the output is too")
         if any(out.iterdir()) and not overwrite:
-            raise OutputError(f"{out}: exists; pass overwrite=True (--force) to replace it")
+            raise OutputError(f"{out}: already exists (--force, or overwrite=True, replaces it)")
         for p in inputs:
             if out.resolve() in p.resolve().parents:
                 raise OutputError(f"{out}: replacing it would delete the input {p}")
