@@ -1,13 +1,15 @@
-"""Throughput and memory of the int4/uint4 kernels against the NumPy path and a memory copy.
+"""Throughput and memory of the 4-bit kernels against the NumPy path and a memory copy.
 
 Run by hand (not collected by pytest):
 
-    python benchmarks/bench_kernels.py              # 4096x4096 and 11008x4096, ~3 minutes
+    python benchmarks/bench_kernels.py              # 4096x4096 and 11008x4096, ~8 minutes
     python benchmarks/bench_kernels.py --quick      # 4096x4096 float32 only
+    python benchmarks/bench_kernels.py --quick --formats nvfp4,nf4
     QUANTIZE_NUM_THREADS=1 python benchmarks/bench_kernels.py --quick
 
-For each shape, input dtype (float32, float16), format (int4, uint4) and block size (32, 128),
-blocks along the last axis, it prints:
+For each shape, input dtype (float32, float16), format and block size (int4 and uint4 at 32 and
+128; fp4_e2m1 at 128, mxfp4 and mxfp4_ceil at 32, nvfp4 at 16, nf4 at 64: each format's usual
+block), blocks along the last axis, it prints:
 
 * quantize+pack and unpack+dequantize in Melem/s, best of --reps after a warm-up;
   dequantize twice: into a preallocated array (`out=`, the kernel itself) and into a new array
@@ -41,8 +43,16 @@ import numpy as np
 
 SHAPES = [(4096, 4096), (11008, 4096)]
 DTYPES = ["float32", "float16"]
-FORMATS = ["int4", "uint4"]
-BLOCKS = [32, 128]
+#: format -> block sizes
+FORMATS = {
+    "int4": [32, 128],
+    "uint4": [32, 128],
+    "fp4_e2m1": [128],
+    "mxfp4": [32],
+    "mxfp4_ceil": [32],
+    "nvfp4": [16],
+    "nf4": [64],
+}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -187,16 +197,18 @@ def status(key):
 
 x = np.random.default_rng(0).standard_normal((rows, n), dtype=np.float32).astype(dtype)
 K.quantize_rows(fmt, x[:2, :256], bs)  # load the kernels (and numba) before measuring
-p, s, z = K.quantize_rows(fmt, x, bs)
-K.dequantize_rows(fmt, p[:2], s[:2], None if z is None else z[:2], n, bs, dtype)
+p, s, z = res = K.quantize_rows(fmt, x, bs)
+ts = res.tensor_scale
+K.dequantize_rows(fmt, p[:2], s[:2], None if z is None else z[:2], n, bs, dtype, tensor_scale=ts)
 if op == "quantize":
-    del p, s, z
+    del p, s, z, res
     call = (lambda: K.quantize_rows(fmt, x, bs)) if impl == "kernel" else (
         lambda: R.quantize_rows(fmt, x, bs))
 else:
     del x
-    call = (lambda: K.dequantize_rows(fmt, p, s, z, n, bs, dtype)) if impl == "kernel" else (
-        lambda: R.dequantize_rows(fmt, p, s, z, n, bs, dtype))
+    call = (lambda: K.dequantize_rows(fmt, p, s, z, n, bs, dtype, tensor_scale=ts)) if (
+        impl == "kernel") else (
+        lambda: R.dequantize_rows(fmt, p, s, z, n, bs, dtype, tensor_scale=ts))
 before = status("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak (VmHWM) to the current resident set
@@ -226,19 +238,24 @@ def run_case(K, R, x: np.ndarray, fmt: str, bs: int, flush: Flush, args) -> str:
     """One table row: time the copy, the kernels and the NumPy path; probe the memory."""
     rows, n = x.shape
     dtype = x.dtype.name
-    p, s, z = K.quantize_rows(fmt, x, bs)
+    p, s, z = res = K.quantize_rows(fmt, x, bs)
+    ts = res.tensor_scale  # nvfp4's; None for the others
     out = np.empty(x.shape, x.dtype)
     fns = {
         "copy": Copy(x),
         "q": lambda: K.quantize_rows(fmt, x, bs),
-        "dq": lambda: K.dequantize_rows(fmt, p, s, z, n, bs, dtype, out=out),
+        "dq": lambda: K.dequantize_rows(fmt, p, s, z, n, bs, dtype, out=out, tensor_scale=ts),
     }
     with ForeignLoad() as load:
         hot = timings(fns, args.reps, None)
-        tdn = best_of(lambda: K.dequantize_rows(fmt, p, s, z, n, bs, dtype), args.reps)
+        tdn = best_of(
+            lambda: K.dequantize_rows(fmt, p, s, z, n, bs, dtype, tensor_scale=ts), args.reps
+        )
         cold = timings(fns, args.reps, flush)
     tq_ref = best_of(lambda: R.quantize_rows(fmt, x, bs), args.ref_reps)
-    td_ref = best_of(lambda: R.dequantize_rows(fmt, p, s, z, n, bs, dtype), args.ref_reps)
+    td_ref = best_of(
+        lambda: R.dequantize_rows(fmt, p, s, z, n, bs, dtype, tensor_scale=ts), args.ref_reps
+    )
     packed_bytes = p.nbytes + s.nbytes + (0 if z is None else z.nbytes)
     moved = x.nbytes + packed_bytes  # the same bytes move both ways
     mem = ["", ""]
@@ -275,7 +292,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7, help="timed runs per kernel (best is kept)")
     ap.add_argument("--ref-reps", type=int, default=3, help="timed runs of the NumPy path")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    ap.add_argument(
+        "--formats", default=",".join(FORMATS), help="comma-separated formats (default: all)"
+    )
     args = ap.parse_args()
+    formats = {f: FORMATS[f] for f in args.formats.split(",")}
 
     import numba
 
@@ -287,10 +308,10 @@ def main() -> None:
 
     # compile (or load from numba's cache) every kernel before any timing
     for dtype in dtypes:
-        for fmt in FORMATS:
+        for fmt in formats:
             x = make_input((4, 256), dtype)
-            p, s, z = K.quantize_rows(fmt, x, 128)
-            K.dequantize_rows(fmt, p, s, z, 256, 128, dtype)
+            p, s, z = res = K.quantize_rows(fmt, x, 128)
+            K.dequantize_rows(fmt, p, s, z, 256, 128, dtype, tensor_scale=res.tensor_scale)
 
     print(f"date: {datetime.date.today()}  machine: {cpu_name()}, {os.cpu_count()} vCPU")
     print(
@@ -319,15 +340,16 @@ def main() -> None:
     for shape in shapes:
         for dtype in dtypes:
             x = make_input(shape, dtype)
-            for fmt in FORMATS:
-                for bs in BLOCKS:
+            for fmt, blocks in formats.items():
+                for bs in blocks:
                     print(run_case(K, R, x, fmt, bs, flush, args), flush=True)
     overall.__exit__()
     if overall.cores is not None:
         print(f"\nCPU used by other processes during the run: {overall.cores:.2f} cores on average")
     print(
         "outputs (kernel mem floor): packed n/2 B + scales 4n/bs B (+ zero points n/bs B) per "
-        "row for quantize; the (rows, n) result for dequantize"
+        "row for quantize; the (rows, n) result for dequantize. nvfp4 quantize reads its input "
+        "twice (the tensor amax comes first)"
     )
 
 

@@ -278,7 +278,7 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
     x = np.ones((2, 10), np.float32)
     p, s, z = K.quantize_rows("uint4", x, 4)
     with pytest.raises(ValueError, match="format"):
-        K.quantize_rows("nf4", x, 4)
+        K.quantize_rows("int8", x, 4)
     with pytest.raises(TypeError, match="float64"):
         K.quantize_rows("int4", x.astype(np.float64), 4)
     with pytest.raises(ValueError, match="2-D"):

@@ -1,4 +1,5 @@
-"""Fused compiled kernels for int4/uint4: quantize+pack and unpack+dequantize, one pass over memory.
+"""Fused compiled kernels for the 4-bit formats: quantize+pack and unpack+dequantize, one pass
+over memory.
 
 They work on the core's 2-D layout, a C-contiguous (rows, n) array with the quantized axis last,
 and return exactly what the NumPy path returns (`quantize.kernels.reference`, bit for bit):
@@ -6,12 +7,18 @@ and return exactly what the NumPy path returns (`quantize.kernels.reference`, bi
     packed, scales, zero_points = quantize_rows("uint4", x2d, 128)
     x = dequantize_rows("uint4", packed, scales, zero_points, n, 128, np.float32)
 
-Supported: formats "int4" and "uint4" with clip_ratio 1 (the round-to-nearest rule);
-quantize from float32, float16 or bfloat16 (float32 scales; other dtypes stay on the NumPy path,
-or cast them to float32 first, which is what the NumPy path does); dequantize from float32
-scales to float32, float16, bfloat16 or float64, rounded and saturating exactly as
-`QuantizedTensor.dequantize` does (once from the exact value; bfloat16 through float32, as
-ml_dtypes casts). `available(fmt, dtype, op)` says which.
+    res = quantize_rows("nvfp4", x2d, 16)          # unpacks as the same three arrays
+    x = dequantize_rows("nvfp4", *res, n, 16, np.float32, tensor_scale=res.tensor_scale)
+
+Supported: formats "int4", "uint4" (`int4.py`), "fp4_e2m1", "mxfp4", "mxfp4_ceil", "nvfp4"
+(`fp4.py`) and "nf4" (`nf4.py`) with clip_ratio 1 (the round-to-nearest rule); quantize from
+float32, float16 or bfloat16 (float32 scales; other dtypes stay on the NumPy path, or cast them
+to float32 first, which is what the NumPy path does); dequantize from float32 scales to float32,
+float16, bfloat16 or float64, rounded and saturating exactly as `QuantizedTensor.dequantize` does
+(once from the exact value; bfloat16 through float32, as ml_dtypes casts).
+`available(fmt, dtype, op)` says which. nvfp4 has a second-level float32 tensor scale, computed
+from the whole (rows, n) array: `quantize_rows` returns it as `.tensor_scale` of its result and
+`dequantize_rows` takes it as `tensor_scale=`.
 
 Importing this package does not import numba: the first call does, and compiles (or loads from
 numba's on-disk cache) the kernel for its argument types. Threads: the `num_threads` argument,
@@ -32,7 +39,11 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-FORMATS = ("int4", "uint4")
+FORMATS = ("int4", "uint4", "fp4_e2m1", "mxfp4", "mxfp4_ceil", "nvfp4", "nf4")
+#: formats with a second-level tensor scale (quantize_rows returns it, dequantize_rows takes it)
+TENSOR_SCALE_FORMATS = ("nvfp4",)
+#: the E2M1 formats' scale rule in `fp4.quantize_e2m1` (fp4.MODE_*, without importing numba)
+_E2M1_MODES = {"fp4_e2m1": 0, "mxfp4": 1, "mxfp4_ceil": 2, "nvfp4": 3}
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 # how each element type reaches the kernels (numba has no CPU float16/bfloat16)
 _VIEWS = {
@@ -48,7 +59,7 @@ ENV_THREADS = "QUANTIZE_NUM_THREADS"
 _ITEM_ELEMENTS = 4096
 _MIN_ITEMS = 64
 
-_module: ModuleType | None = None
+_modules: dict[str, ModuleType] = {}
 _lock = threading.Lock()  # one launch at a time: numba's workqueue layer is not thread-safe
 
 
@@ -70,10 +81,19 @@ ENV_SWITCH = "QUANTIZE_KERNELS"
 MIN_KERNEL_ELEMENTS = 1 << 18
 
 
-def wanted(fmt: Any, dtype: Any, size: int, op: str = "quantize") -> bool:
-    """Should the core hand this job to a kernel? The registered int4/uint4 rule, a dtype the
-    kernels take, at least MIN_KERNEL_ELEMENTS elements, and QUANTIZE_KERNELS not "0"."""
+def wanted(
+    fmt: Any, dtype: Any, size: int, op: str = "quantize", *, tensor_scale: bool = False
+) -> bool:
+    """Should the core hand this job to a kernel? A registered format with a kernel, a dtype the
+    kernels take, at least MIN_KERNEL_ELEMENTS elements, and QUANTIZE_KERNELS not "0".
+
+    Formats with a tensor scale (nvfp4) only if the caller says it handles one
+    (`tensor_scale=True`: it takes `.tensor_scale` from quantize_rows' result, or passes
+    `tensor_scale=` to dequantize_rows); a caller that does not would lose it.
+    """
     if os.environ.get(ENV_SWITCH, "1") == "0" or size < MIN_KERNEL_ELEMENTS:
+        return False
+    if not tensor_scale and getattr(fmt, "name", None) in TENSOR_SCALE_FORMATS:
         return False
     from ..formats import available_formats, get_format
 
@@ -86,13 +106,47 @@ def _numba_installed() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
-def _kernels() -> ModuleType:
-    global _module
-    if _module is None:
-        from . import int4  # imports numba
+def _kernels(fmt_name: str = "int4") -> ModuleType:
+    """The module holding `fmt_name`'s kernels; importing it imports numba."""
+    if fmt_name in ("int4", "uint4"):
+        key = "int4"
+    elif fmt_name == "nf4":
+        key = "nf4"
+    else:
+        key = "fp4"
+    module = _modules.get(key)
+    if module is None:
+        import importlib
 
-        _module = int4
-    return _module
+        module = _modules[key] = importlib.import_module(f"{__name__}.{key}")
+    return module
+
+
+class QuantizedRows(tuple):
+    """`quantize_rows`' result: the 3-tuple (packed, scales, zero_points), so it unpacks as one,
+    plus `tensor_scale`: nvfp4's float32 tensor scale, None for the other formats."""
+
+    tensor_scale: np.float32 | None
+
+    def __new__(cls, packed, scales, zero_points, tensor_scale=None):
+        self = super().__new__(cls, (packed, scales, zero_points))
+        self.tensor_scale = tensor_scale
+        return self
+
+    def __getnewargs__(self):  # pickling and copying keep the tensor scale
+        return (*self, self.tensor_scale)
+
+    @property
+    def packed(self) -> np.ndarray:
+        return self[0]
+
+    @property
+    def scales(self) -> np.ndarray:
+        return self[1]
+
+    @property
+    def zero_points(self) -> np.ndarray | None:
+        return self[2]
 
 
 def _resolve_threads(num_threads: int | None) -> int | None:
@@ -157,13 +211,15 @@ def _check_block(block_size: Any, n: int) -> int:
 
 def quantize_rows(
     fmt_name: str, x2d: np.ndarray, block_size: int | None, *, num_threads: int | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+) -> QuantizedRows:
     """Quantize each row of `x2d` (rows, n) in blocks of `block_size` along it.
 
     Returns (packed uint8 (rows, ceil(nb*bs/2)), scales float32 (rows, nb), zero points uint8
-    (rows, nb) for uint4 / None for int4), nb = ceil(n / block_size): the layout of
-    `QuantizedTensor` for a tensor quantized along its last axis. The input must be finite (the
-    NumPy path checks; the kernel does not). A non-contiguous input is copied first.
+    (rows, nb) for uint4 / None for the others), nb = ceil(n / block_size): the layout of
+    `QuantizedTensor` for a tensor quantized along its last axis. The result's `.tensor_scale` is
+    nvfp4's float32 tensor scale (of the whole array), None for the other formats. The input
+    must be finite (the NumPy path checks; the kernel does not). A non-contiguous input is copied
+    first.
     """
     _check_format(fmt_name)
     x = np.asarray(x2d)
@@ -179,17 +235,43 @@ def quantize_rows(
     packed = np.empty((rows, -(-nb * bs // 2)), np.uint8)
     scales = np.empty((rows, nb), np.float32)
     zp = np.empty((rows, nb), np.uint8) if fmt_name == "uint4" else None
+    two_level = fmt_name in TENSOR_SCALE_FORMATS
     if rows == 0:
-        return packed, scales, zp
+        return QuantizedRows(packed, scales, zp, np.float32(1.0) if two_level else None)
     xv = np.ascontiguousarray(x).view(_VIEWS[x.dtype])
-    k = _kernels()
+    k = _kernels(fmt_name)
     chunk = _chunk(rows, nb, bs)
+    ts = None
     with _launch(num_threads):
-        if zp is None:
+        if fmt_name == "int4":
             k.quantize_int4(xv, packed, scales, bs, chunk)
-        else:
+        elif fmt_name == "uint4":
             k.quantize_uint4(xv, packed, scales, zp, bs, chunk)
-    return packed, scales, zp
+        elif fmt_name == "nf4":
+            k.quantize_nf4(xv, packed, scales, bs, chunk)
+        else:
+            if two_level:  # block amaxes into `scales` first; their max gives the tensor scale
+                key = k.block_amax(xv, scales, bs, chunk)
+                ts = _nvfp4_tensor_scale(np.int32(key).view(np.float32))
+            k.quantize_e2m1(
+                xv,
+                packed,
+                scales,
+                bs,
+                chunk,
+                _E2M1_MODES[fmt_name],
+                np.float32(1.0) if ts is None else ts,
+                two_level,
+            )
+    return QuantizedRows(packed, scales, zp, ts)
+
+
+def _nvfp4_tensor_scale(amax: np.float32) -> np.float32:
+    """NVFP4's tensor scale for a tensor whose largest magnitude is `amax` (float32), by the
+    format's own rule (`NVFP4.tensor_scale` reads only the amax)."""
+    from ..formats import get_format
+
+    return np.float32(get_format("nvfp4").tensor_scale(np.array([amax], np.float32)))
 
 
 def dequantize_rows(
@@ -203,13 +285,16 @@ def dequantize_rows(
     *,
     num_threads: int | None = None,
     out: np.ndarray | None = None,
+    tensor_scale: Any = None,
 ) -> np.ndarray:
     """Inverse of `quantize_rows`: (rows, n) values of `out_dtype`, padding dropped.
 
-    x = code * scale (int4) or (code - zero_point) * scale (uint4), rounded to `out_dtype` with
-    values past its range clamped to its largest finite value, as `QuantizedTensor.dequantize`
-    does. `out`, if given, must be a
-    C-contiguous (rows, n) array of `out_dtype`; it is filled and returned.
+    x = code * scale (int4), (code - zero_point) * scale (uint4), grid value * scale (fp4_e2m1,
+    mxfp4, mxfp4_ceil, nf4) or grid value * (scale * tensor_scale) (nvfp4, which needs its
+    `tensor_scale`: the float32 quantize_rows returns, or any finite float > 0, taken as the
+    NumPy path takes it; the others take None), rounded to `out_dtype` with values past its
+    range clamped to its largest finite value, as `QuantizedTensor.dequantize` does. `out`, if
+    given, must be a C-contiguous (rows, n) array of `out_dtype`; it is filled and returned.
     """
     _check_format(fmt_name)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
@@ -238,7 +323,17 @@ def dequantize_rows(
                 f"{zero_points.dtype} {zero_points.shape}"
             )
     elif zero_points is not None:
-        raise ValueError("int4 has no zero points; pass None")
+        raise ValueError(f"{fmt_name} has no zero points; pass None")
+    two_level = fmt_name in TENSOR_SCALE_FORMATS
+    ts = np.float64(1.0)
+    if two_level:
+        if tensor_scale is None:
+            raise ValueError(f"{fmt_name} needs its tensor_scale")
+        ts = np.float64(tensor_scale)
+        if not (np.isfinite(ts) and ts > 0):
+            raise ValueError(f"tensor_scale must be finite and > 0, got {tensor_scale!r}")
+    elif tensor_scale is not None:
+        raise ValueError(f"{fmt_name} has no tensor scale; pass None")
     if out is None:
         out = np.empty((rows, n), dt)
     elif out.dtype != dt or out.shape != (rows, n) or not out.flags.c_contiguous:
@@ -248,14 +343,18 @@ def dequantize_rows(
     packed = np.ascontiguousarray(packed)
     scales = np.ascontiguousarray(scales)
     ov = out.view(_VIEWS[dt])
-    k = _kernels()
+    k = _kernels(fmt_name)
     chunk = _chunk(rows, nb, bs)
     with _launch(num_threads):
         if fmt_name == "int4":
             k.dequantize_int4(packed, scales, ov, bs, chunk)
-        else:
+        elif fmt_name == "uint4":
             zp = np.ascontiguousarray(zero_points)
             k.dequantize_uint4(packed, scales, zp, ov, bs, chunk)
+        elif fmt_name == "nf4":
+            k.dequantize_nf4(packed, scales, ov, bs, chunk)
+        else:
+            k.dequantize_e2m1(packed, scales, ov, bs, chunk, ts, two_level)
     return out
 
 
@@ -264,6 +363,8 @@ __all__ = [
     "ENV_THREADS",
     "FORMATS",
     "QUANTIZE_DTYPES",
+    "TENSOR_SCALE_FORMATS",
+    "QuantizedRows",
     "available",
     "dequantize_rows",
     "quantize_rows",

@@ -146,7 +146,9 @@ def _f16_product_sat(typingctx, c, s):
         even = builder.icmp_unsigned("==", builder.and_(a, _c32(1)), _c32(0))
         away = builder.icmp_signed(">=", builder.xor(e, x), _c32(0))  # same sign: |exact| > |p|
         step = builder.select(away, _c32(1), _c32(-1))
-        a = builder.select(builder.and_(inexact, even), builder.add(a, step), a)
+        nonzero = builder.icmp_unsigned("!=", a, _c32(0))  # +-0: far below half's range anyway
+        fix = builder.and_(builder.and_(inexact, even), nonzero)
+        a = builder.select(fix, builder.add(a, step), a)
         # float32 (round-to-odd) -> float16, round to nearest even
         odd = builder.and_(builder.lshr(a, _c32(13)), _c32(1))
         nrm = builder.add(builder.add(a, _c32(-(112 << 23) + 0xFFF)), odd)
