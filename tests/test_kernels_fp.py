@@ -128,12 +128,11 @@ def _ties(rng, rows, n, fmt):
         v = rng.choice(np.concatenate([mids, -mids[::-1]]), (rows, nb, 16))
         v[..., 0] = 1.0
     else:
-        k = rng.integers(-10, 10, (rows, nb, 1))
-        if fmt == "nvfp4":  # tensor scale 2^-3 (amax 2688 * 2^-3 = 336), block scales 2^j
-            e = np.exp2(k - 3).astype(np.float32)
-            e[0, 0] = 448 * 2.0**-3  # this block holds the tensor amax
+        if fmt == "nvfp4":  # tensor scale 2^-3 (amax 2688 * 2^-3 = 336), block scales 2^k
+            e = np.exp2(rng.integers(-9, 6, (rows, nb, 1)) - 3).astype(np.float32)
+            e[0, 0] = 448 * 2.0**-3  # this block holds the tensor amax, 6 * 56
         else:
-            e = np.exp2(k).astype(np.float32)
+            e = np.exp2(rng.integers(-10, 10, (rows, nb, 1))).astype(np.float32)
         pool = np.concatenate([E2M1_MIDPOINTS, E2M1_GRID[1:], -E2M1_MIDPOINTS, -E2M1_GRID])
         v = rng.choice(pool, (rows, nb, 16)).astype(np.float32)
         v[..., 0] = 6.0  # the block amax: scale 2^e (fp4_e2m1 amax / 6, mx 2^(e+2-2))
@@ -156,7 +155,7 @@ MAKERS = {
 }
 # (rows, n, block). Work items are about 4096 elements and at least 64 of them when there are
 # enough blocks: (10, 2048, 16) gives items of 20 blocks (one 16-block amax tree + 4 single
-# blocks), (20, 4096, 64) items of 20 blocks, (1, 8192, 16) of 128; the small ones one block per
+# blocks), (20, 4096, 64) items of 20 blocks, (1, 8192, 16) of 8; the small ones one block per
 # item; 1000 and 37 leave padded last blocks; 5 and 24 are not multiples of 16; None: one block
 # per row (of 37: padded, odd; of 640: a multiple of 16).
 SHAPES = [
@@ -213,11 +212,15 @@ def test_thread_counts_give_the_same_bytes(fmt, monkeypatch):
 def test_exact_ties_round_as_the_formats_say():
     """E2M1 ties go to the even code, NF4's to the lower one: checked on the codes themselves."""
     rng = np.random.default_rng(7)
-    for fmt in ("fp4_e2m1", "mxfp4", "nf4"):
+    for fmt in ("fp4_e2m1", "mxfp4", "nvfp4", "nf4"):
         x = np.ascontiguousarray(_ties(rng, 8, 512, fmt))
-        packed, scales, _ = check(fmt, x, 16)
-        codes = np.stack([packed & 15, packed >> 4], -1).reshape(8, -1).astype(int)
-        q = x / np.repeat(scales, 16, axis=1)
+        res = check(fmt, x, 16)
+        codes = np.stack([res.packed & 15, res.packed >> 4], -1).reshape(8, -1).astype(int)
+        eff = res.scales
+        if fmt == "nvfp4":
+            assert res.tensor_scale == np.float32(2.0**-3)
+            eff = res.scales * res.tensor_scale
+        q = x / np.repeat(eff, 16, axis=1)
         if fmt == "nf4":
             mids = NF4_MIDPOINTS.astype(np.float32)
             tie = np.isin(q, mids)
