@@ -90,10 +90,9 @@ def quantize_prepared(
     if (
         clip_ratio == 1.0
         and compute_dtype(arr.dtype) == np.float32
-        and kernels.wanted(fmt, np.float32, arr.size)
+        and kernels.wanted(fmt, np.float32, arr.size, tensor_scale=True)
     ):
-        data, scale, zp = _quantize_with_kernel(work, fmt.name, bs, ax)
-        tensor_scale = None
+        data, scale, zp, tensor_scale = _quantize_with_kernel(work, fmt.name, bs, ax)
     else:
         data, scale, zp, tensor_scale = _quantize_with_numpy(work, fmt, bs, ax, clip_ratio)
     return QuantizedTensor(
@@ -125,14 +124,15 @@ def _quantize_with_numpy(work: np.ndarray, fmt: Format, bs: int, ax: int, clip_r
 
 
 def _quantize_with_kernel(work: np.ndarray, name: str, bs: int, ax: int):
-    """The fused numba path for int4/uint4 (bit for bit the NumPy path's result)."""
+    """The fused numba path (bit for bit the NumPy path's result, nvfp4's tensor scale included)."""
     moved = np.moveaxis(work, ax, -1)  # a view; C-contiguous already when ax is the last axis
     rows, n = moved.shape[:-1], moved.shape[-1]
     if not kernels.available(name, moved.dtype):  # ints, float8: widen as the NumPy path does
         moved = moved.astype(np.float32)
-    packed, scale, zp = kernels.quantize_rows(name, np.ascontiguousarray(moved).reshape(-1, n), bs)
+    res = kernels.quantize_rows(name, np.ascontiguousarray(moved).reshape(-1, n), bs)
+    packed, scale, zp = res
     zp = None if zp is None else zp.reshape(*rows, -1)
-    return packed.reshape(*rows, -1), scale.reshape(*rows, -1), zp
+    return packed.reshape(*rows, -1), scale.reshape(*rows, -1), zp, res.tensor_scale
 
 
 def dequantize_tensor(qt: QuantizedTensor, dtype: Any = None) -> np.ndarray:

@@ -153,9 +153,8 @@ class QuantizedTensor:
         """
         target = self.float_dtype if dtype is None else _float_dtype(dtype)
         if (
-            self.tensor_scale is None
-            and self.scales.dtype == np.float32
-            and kernels.wanted(self.fmt, target, self.size, "dequantize")
+            self.scales.dtype == np.float32
+            and kernels.wanted(self.fmt, target, self.size, "dequantize", tensor_scale=True)
         ):
             return self._dequantize_with_kernel(target)
         _, n, axis = self._work_shape
@@ -186,6 +185,7 @@ class QuantizedTensor:
             n,
             self.block_size,
             target,
+            tensor_scale=self.tensor_scale,
         ).reshape(*rows, n)
         if self.axis is None:
             return out.reshape(self.shape)
