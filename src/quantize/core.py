@@ -15,6 +15,7 @@ from ._checks import (
     check_nonempty,
     normalize_axis,
 )
+from .algorithms import RTN, Method, get_method
 from .blocking import n_blocks, to_blocks
 from .formats import Format, get_format
 from .formats.base import effective_scale
@@ -55,16 +56,19 @@ def quantize_tensor(
     axis: int | None = -1,
     *,
     clip_ratio: float = 1.0,
+    method: str = "rtn",
 ) -> QuantizedTensor:
-    """Quantize `array` block-wise along `axis` with `format`, round to nearest (ties to even).
+    """Quantize `array` block-wise along `axis` with `format`, codes rounded to nearest.
 
     block_size: elements per block along `axis`; "auto" for the format's usual size (128 for
     the integer formats, 16 nvfp4, 32 mxfp4, 64 nf4); None or -1 for one block per row. A
     length not divisible by it gets a padded last block. axis=None flattens the tensor first
     (with block_size=None: one scale for the whole tensor). clip_ratio in (0, 1] shrinks each
-    block's range before the scale is chosen (values beyond it clip).
+    block's range before the scale is chosen (values beyond it clip). method chooses each
+    block's scale and zero point: "rtn" (the format's own rule), or another registered in
+    `quantize.algorithms` ("mse", "hqq", ...).
     """
-    return quantize_prepared(prepare(array), format, block_size, axis, clip_ratio)
+    return quantize_prepared(prepare(array), format, block_size, axis, clip_ratio, method)
 
 
 def quantize_prepared(
@@ -73,9 +77,11 @@ def quantize_prepared(
     block_size: int | str | None,
     axis: int | None,
     clip_ratio: float = 1.0,
+    method: str = "rtn",
 ) -> QuantizedTensor:
     """`quantize_tensor` for an array that `prepare` has already checked (under its own name)."""
     fmt = get_format(format)
+    algo = get_method(method)
     if isinstance(clip_ratio, bool) or not isinstance(clip_ratio, numbers.Real):
         raise TypeError(f"clip_ratio must be a number in (0, 1], got {clip_ratio!r}")
     if not 0 < clip_ratio <= 1:
@@ -88,13 +94,14 @@ def quantize_prepared(
     bs = resolve_block(n, block_size, fmt)
 
     if (
-        clip_ratio == 1.0
+        algo is RTN
+        and clip_ratio == 1.0
         and compute_dtype(arr.dtype) == np.float32
         and kernels.wanted(fmt, np.float32, arr.size, tensor_scale=True)
     ):
         data, scale, zp, tensor_scale = _quantize_with_kernel(work, fmt.name, bs, ax)
     else:
-        data, scale, zp, tensor_scale = _quantize_with_numpy(work, fmt, bs, ax, clip_ratio)
+        data, scale, zp, tensor_scale = _quantize_with_numpy(work, fmt, bs, ax, clip_ratio, algo)
     return QuantizedTensor(
         data=np.ascontiguousarray(data),
         scales=np.ascontiguousarray(scale),
@@ -108,12 +115,16 @@ def quantize_prepared(
     )
 
 
-def _quantize_with_numpy(work: np.ndarray, fmt: Format, bs: int, ax: int, clip_ratio: float):
-    """The reference path: every format, every dtype; what the kernels are held to."""
+def _quantize_with_numpy(
+    work: np.ndarray, fmt: Format, bs: int, ax: int, clip_ratio: float, algo: Method = RTN
+):
+    """The reference path: every format, dtype and method; what the kernels are held to."""
     n = work.shape[ax]
     blocks = to_blocks(work.astype(compute_dtype(work.dtype), copy=False), bs, ax)
     tensor_scale = fmt.tensor_scale(blocks)
-    scale, zp = fmt.choose_params(blocks, clip_ratio)
+    # to_blocks pads with the row's last value, which every range rule ignores and a search
+    # scores as that value repeated
+    scale, zp = algo.choose_params(fmt, blocks, tensor_scale, clip_ratio)
     pad = n_blocks(n, bs) * bs - n
     if pad:  # the padding is stored as the code of 0, whatever value stood in for it
         blocks[..., -1, bs - pad :] = 0
