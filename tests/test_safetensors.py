@@ -920,8 +920,10 @@ def test_chunked_error_stats_match_error_stats():
     w = (rng.standard_t(3, size=(300, 70)) + 0.2).astype(np.float32)
     r = quantize_tensor(w, "int4", 32).dequantize()
     a, b = error_stats(w, r), error_stats_chunked(w, r, chunk=1000)
-    for key in a:
+    for key in a.keys() - {"error_hist"}:
         assert b[key] == pytest.approx(a[key], rel=1e-12)
+    assert a["error_hist"] == b["error_hist"]  # same edges, same per-element errors
+    assert sum(b["error_hist"]["counts"]) == w.size
     assert error_stats_chunked(np.zeros((50, 50)), np.zeros((50, 50)), chunk=7)["sqnr_db"] == np.inf
 
 

@@ -21,7 +21,26 @@ def error_stats(original: np.ndarray, reconstructed: np.ndarray) -> dict[str, fl
     err = np.asarray(reconstructed, dtype=np.float64) - x
     emax = float(np.abs(err).max()) if err.size else 0.0
     amax = float(np.abs(x).max()) if x.size else 0.0
-    return _figures(float(np.mean(x * x)), float(np.mean(err * err)), emax, amax, float(x.std()))
+    out = _figures(float(np.mean(x * x)), float(np.mean(err * err)), emax, amax, float(x.std()))
+    out["error_hist"] = _hist_row(_error_counts(err.reshape(-1), emax), emax)
+    return out
+
+
+#: bins of the error histogram a report row keeps (equal widths over [-max|err|, max|err|])
+HIST_BINS = 40
+
+
+def _error_counts(err: np.ndarray, emax: float) -> np.ndarray:
+    """Counts of `err` in HIST_BINS equal bins over [-emax, emax] (an exact tensor: the middle)."""
+    if emax == 0:
+        counts = np.zeros(HIST_BINS, np.int64)
+        counts[HIST_BINS // 2] = err.size
+        return counts
+    return np.histogram(err, bins=HIST_BINS, range=(-emax, emax))[0]
+
+
+def _hist_row(counts: np.ndarray, emax: float) -> dict:
+    return {"max_abs_err": emax, "counts": [int(c) for c in counts]}
 
 
 def _figures(signal: float, noise: float, emax: float, amax: float, std: float) -> dict:
@@ -66,11 +85,16 @@ def error_stats_chunked(
         emax = max(emax, float(np.abs(e).max()))
     mean = s_x / total
     s_dd = 0.0
-    for sl in slices:  # the variance in a second pass, as np.std does
-        d = x_all[sl].astype(np.float64) - mean
+    counts = np.zeros(HIST_BINS, np.int64)
+    for sl in slices:  # the variance and the histogram (which needs emax) in a second pass
+        x = x_all[sl].astype(np.float64)
+        d = x - mean
         s_dd += float(np.dot(d, d))
+        counts += _error_counts(r_all[sl].astype(np.float64) - x, emax)
     signal, noise, std = s_xx / total, s_ee / total, float(np.sqrt(s_dd / total))
-    return _figures(signal, noise, emax, amax, std)
+    out = _figures(signal, noise, emax, amax, std)
+    out["error_hist"] = _hist_row(counts, emax)
+    return out
 
 
 def tensor_report(name: str, original: np.ndarray, qt: QuantizedTensor) -> dict[str, object]:

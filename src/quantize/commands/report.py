@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 EPILOG = """\
 example:
   quantize report model.int4.report.json
+  quantize report model.int4.report.json --plot model.int4.png
 """
 
 
@@ -22,6 +24,12 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--markdown", action="store_true", help="print it as Markdown instead of a table"
     )
+    p.add_argument(
+        "--plot",
+        metavar="IMAGE",
+        help="also draw per-tensor SQNR and the worst tensor's error histogram (.png/.svg/.pdf; "
+        "needs matplotlib)",
+    )
     p.set_defaults(run=run)
 
 
@@ -29,6 +37,10 @@ def run(args) -> int:
     from ..report import read_report, render_markdown, render_text
 
     report = read_report(args.file)
+    if args.plot:
+        from ..plot import plot_report
+
+        print(f"plot: {plot_report(report, args.plot)}", file=sys.stderr)
     settings = report["settings"]
     if args.markdown:
         print(render_markdown(report), end="")
