@@ -6,6 +6,8 @@ Run by hand (not collected by pytest):
     python benchmarks/bench_kernels.py --quick      # 4096x4096 float32 only
     python benchmarks/bench_kernels.py --quick --formats nvfp4,nf4
     QUANTIZE_NUM_THREADS=1 python benchmarks/bench_kernels.py --quick
+    python benchmarks/bench_kernels.py --no-memory --shapes 11008x4096 --dtypes float32 \
+        --formats int4,uint4 --blocks 128           # one row per format
 
 For each shape, input dtype (float32, float16), format and block size (int4 and uint4 at 32 and
 128; fp4_e2m1 at 128, mxfp4 and mxfp4_ceil at 32, nvfp4 at 16, nf4 at 64: each format's usual
@@ -47,6 +49,7 @@ DTYPES = ["float32", "float16"]
 FORMATS = {
     "int4": [32, 128],
     "uint4": [32, 128],
+    "int4_ort": [128],
     "fp4_e2m1": [128],
     "mxfp4": [32],
     "mxfp4_ceil": [32],
@@ -295,8 +298,13 @@ def main() -> None:
     ap.add_argument(
         "--formats", default=",".join(FORMATS), help="comma-separated formats (default: all)"
     )
+    ap.add_argument("--shapes", help="comma-separated RxN shapes (default: 4096x4096,11008x4096)")
+    ap.add_argument("--dtypes", help="comma-separated input dtypes (default: float32,float16)")
+    ap.add_argument("--blocks", help="comma-separated block sizes (default: each format's)")
     args = ap.parse_args()
     formats = {f: FORMATS[f] for f in args.formats.split(",")}
+    if args.blocks:
+        formats = {f: [int(b) for b in args.blocks.split(",")] for f in formats}
 
     import numba
 
@@ -305,6 +313,10 @@ def main() -> None:
 
     shapes = SHAPES[:1] if args.quick else SHAPES
     dtypes = DTYPES[:1] if args.quick else DTYPES
+    if args.shapes:
+        shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
+    if args.dtypes:
+        dtypes = args.dtypes.split(",")
 
     # compile (or load from numba's cache) every kernel before any timing
     for dtype in dtypes:

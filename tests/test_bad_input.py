@@ -501,6 +501,8 @@ def test_core_subnormal_blocks_are_not_zeroed(fmt, case):
         for start in range(0, x.size, bs):
             blk, rec = x[start : start + bs], out[start : start + bs]
             i = int(np.argmax(np.abs(blk)))
+            if fmt == "nf4_dq":  # scales quantized together: a block far below its
+                continue  # group's largest may round to 0 (bounded by the group, not itself)
             if abs(float(blk[i])) > 2 * floor:  # the block's largest value survives, signed
                 assert rec[i] != 0 and np.sign(rec[i]) == np.sign(blk[i]), (start, blk, rec)
 
@@ -537,7 +539,8 @@ def test_all_zero_blocks(fmt, dtype):
     qt = quantize_tensor(x, fmt, block_size=4)
     zero_block = [(0, 0), (1, 0), (1, 1)]
     for r, b in zero_block:
-        assert qt.scales[r, b] == 1.0
+        # nf4_dq: whatever positive scale its 8-bit code gives (1 for an all-zero tensor)
+        assert qt.scales[r, b] == 1.0 or (qt.double_quant is not None and qt.scales[r, b] > 0)
         if qt.zero_points is not None:  # int4_ort: 8, the code of 0 on ORT's grid -8..7
             assert qt.zero_points[r, b] == (8 if fmt == "int4_ort" else 0)
     out = qt.dequantize()

@@ -236,6 +236,8 @@ def check_nbytes(qt: QuantizedTensor) -> None:
             expected += zp.size * zp.itemsize
     if qt.tensor_scale is not None:
         expected += 4
+    if qt.double_quant is not None:  # nf4_dq: an absmax per 256 scales, an offset
+        expected += (math.ceil(qt.scales.size / 256) + 1) * qt.scales.itemsize
     assert qt.nbytes == expected
     assert qt.bits_per_weight == pytest.approx(8 * expected / qt.size)
 
@@ -287,8 +289,9 @@ def check_scale_rule(case, qt: QuantizedTensor) -> None:
 
 def check_scale_tight(case, qt: QuantizedTensor) -> None:
     """No scale is wastefully large: each block's amax reaches at least half the grid's reach
-    (formats with one scale per block; non-constant blocks well inside the float range)."""
-    if qt.tensor_scale is not None:
+    (formats with one scale per block; non-constant blocks well inside the float range; not
+    nf4_dq, whose scales are quantized together: tests/test_nf4_double.py bounds them)."""
+    if qt.tensor_scale is not None or qt.double_quant is not None:
         return
     xb = my_blocks(case[0], qt, fill=np.nan)
     amax = np.nanmax(np.abs(xb), axis=-1)
@@ -528,12 +531,13 @@ def test_per_channel(fmt, block):
 @fmt_param
 def test_blocks_are_independent(fmt):
     """A block depends only on its own values (here: 1e-3 next to 1e6), but for formats with
-    a tensor-wide second scale (NVFP4), whose block scales are relative to it."""
+    a tensor-wide second scale (NVFP4), whose block scales are relative to it, or with scales
+    quantized together (nf4_dq)."""
     x = np.concatenate([np.linspace(-1e-3, 2e-3, 8), np.linspace(-1e6, 1e6, 8)])
     x = x.astype(np.float32)
     qt = quantize_tensor(x, fmt, block_size=8)
     check_error_bounds(x, qt)
-    if qt.tensor_scale is None:
+    if qt.tensor_scale is None and qt.double_quant is None:
         alone = quantize_tensor(x[:8], fmt, block_size=8)
         assert qt.scales[0] == alone.scales[0]
         np.testing.assert_array_equal(qt.dequantize()[:8], alone.dequantize())

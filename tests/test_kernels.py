@@ -341,3 +341,34 @@ def test_quantize_tensor_uses_the_kernel_for_big_arrays_and_agrees(
     if slow.zero_points is not None:
         assert fast.zero_points.tobytes() == slow.zero_points.tobytes()
     assert fast_out.dtype == slow_out.dtype and fast_out.tobytes() == slow_out.tobytes()
+
+
+@pytest.mark.parametrize("fmt", [*FORMATS, "int4_ort"])
+@pytest.mark.parametrize(("rows", "n", "bs"), [(3, 100, 24), (2, 50, 10), (4, 96, 48)])
+def test_even_blocks_not_a_multiple_of_16(fmt, rows, n, bs):
+    """Such blocks skip the 16-lane loops: the nibble-by-nibble path, both directions."""
+    x = _heavy(np.random.default_rng(bs), rows, n)
+    got = check_quantize(fmt, x, bs)
+    want = R.dequantize_rows(fmt, *got, n, bs)
+    assert same(K.dequantize_rows(fmt, *got, n, bs), want)
+
+
+@pytest.mark.parametrize("fmt", [*FORMATS, "int4_ort"])
+def test_streaming_stores_write_the_same_values(fmt, monkeypatch):
+    """Large float32 results go out by non-temporal stores; forced on for small ones here,
+    they must write exactly what plain stores write (and be skipped where unaligned)."""
+    rng = np.random.default_rng(13)
+    monkeypatch.setattr(K, "_STREAM_MIN_BYTES", 0)
+    for rows, n, bs in [(7, 1024, 128), (5, 1000, 32), (3, 96, 16), (2, 45, 5)]:
+        x = np.concatenate([_heavy(rng, rows, n), _subnormal(rng, 2, n), _huge(rng, 2, n)])
+        res = check_quantize(fmt, x, bs)
+        want = R.dequantize_rows(fmt, *res, n, bs)
+        base = np.empty(x.size + 8, np.float32)
+        for shift in (0, 1):  # a 16-byte aligned result, then one 4 bytes off
+            off = (-base.ctypes.data // 4) % 4 + shift
+            out = base[off : off + x.size].reshape(x.shape)
+            if shift == 0 and n % 4 == 0 and bs % 16 == 0:
+                assert K._stream(out, bs) == K._X86
+            else:
+                assert not K._stream(out, bs)
+            assert same(K.dequantize_rows(fmt, *res, n, bs, out=out), want)

@@ -123,3 +123,53 @@ def check_codes(arr: Any, lo: int, hi: int, name: str) -> np.ndarray:
             f"{name} must lie in [{lo}, {hi}]; found {a[idx]} at index {tuple(int(i) for i in idx)}"
         )
     return a
+
+
+#: what `quantize_tensor(..., nan=...)` may do with NaN and +-Inf in its input
+NAN_POLICIES = ("raise", "zero")
+
+
+def check_nan_policy(nan: Any) -> str:
+    """`nan` if it is a known policy ("raise" or "zero"), else a TypeError/ValueError naming it."""
+    if not isinstance(nan, str):
+        raise TypeError(f"nan must be one of {NAN_POLICIES}, got {type(nan).__name__} {nan!r}")
+    if nan not in NAN_POLICIES:
+        raise ValueError(f"nan must be one of {NAN_POLICIES}, got {nan!r}")
+    return nan
+
+
+def replace_nonfinite(arr: np.ndarray, block_size: int, axis: int) -> np.ndarray:
+    """`arr` with NaN -> 0 and +Inf / -Inf -> the largest / smallest finite value of its block
+    (blocks of `block_size` along `axis`, as the core cuts them; 0 for a block with no finite
+    value), in `arr`'s dtype; `arr` itself when every value is finite.
+
+    Clipping to the block's finite range leaves the block's scale what its finite values make
+    it (an Inf would otherwise blow the scale up and zero every other value of the block); the
+    replacements are values of `arr` or 0, so they are exact in its dtype. Only rows holding a
+    non-finite value are worked on (in float32/float64); the cost is one bool mask and one copy.
+    """
+    if np.issubdtype(arr.dtype, np.integer):
+        return arr
+    finite = np.isfinite(arr if arr.dtype.kind == "f" else arr.astype(np.float32))
+    if finite.all():
+        return arr
+    out = np.array(arr, copy=True)
+    moved = np.moveaxis(out, axis, -1)  # a view: writing into it writes `out`
+    fin = np.moveaxis(finite, axis, -1)
+    n = moved.shape[-1]
+    bad = ~fin.all(axis=-1)  # the rows with a non-finite value (0-d for a 1-D array: fine)
+    work_dtype = np.float64 if arr.dtype == np.float64 else np.float32
+    rows = moved[bad].astype(work_dtype)  # (k, n), a copy
+    nb = -(-n // block_size)
+    padded = np.full((rows.shape[0], nb * block_size), np.nan, work_dtype)
+    padded[:, :n] = np.where(fin[bad], rows, np.nan)
+    blocks = padded.reshape(-1, nb, block_size)
+    # fmax/fmin skip NaN (and give NaN for an all-NaN block, without a warning)
+    hi = np.nan_to_num(np.fmax.reduce(blocks, axis=-1), nan=0.0)
+    lo = np.nan_to_num(np.fmin.reduce(blocks, axis=-1), nan=0.0)
+    hi = np.repeat(hi, block_size, axis=-1)[:, :n]
+    lo = np.repeat(lo, block_size, axis=-1)[:, :n]
+    fixed = np.where(np.isnan(rows), 0, np.where(rows > 0, hi, lo))
+    rows = np.where(fin[bad], rows, fixed)
+    moved[bad] = rows.astype(arr.dtype)
+    return out

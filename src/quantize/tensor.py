@@ -11,6 +11,7 @@ from . import kernels
 from ._checks import check_finite, is_float_dtype
 from .blocking import from_blocks, params_to_axis
 from .formats import Format, get_format
+from .formats.nf4 import DoubleQuant
 from .packing import unpack_nibbles
 
 
@@ -88,6 +89,16 @@ def _check_fields(qt: QuantizedTensor) -> None:
         ts = float(qt.tensor_scale)
         if not (np.isfinite(ts) and ts > 0):
             raise ValueError(f"tensor_scale must be finite and > 0, got {ts}")
+    dq = qt.double_quant
+    if (dq is None) == getattr(fmt, "double_quant", False):
+        raise ValueError(
+            f"format {fmt.name} {'needs' if dq is None else 'has no'} double_quant "
+            "(double-quantized scales)"
+        )
+    if dq is not None:
+        if not isinstance(dq, DoubleQuant):
+            raise TypeError(f"double_quant must be a DoubleQuant, got {type(dq).__name__}")
+        dq.check(qt.scales)
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,6 +125,9 @@ class QuantizedTensor:
     dtype: np.dtype
     #: second-level float32 scale of two-level formats (NVFP4); effective scale = scales * it.
     tensor_scale: np.float32 | None = None
+    #: the 8-bit codes, group absmaxes and offset of double-quantized scales (nf4_dq), which
+    #: `scales` hold decoded (`DoubleQuant.values()`); None for every other format.
+    double_quant: DoubleQuant | None = None
 
     @property
     def fmt(self) -> Format:
@@ -201,12 +215,14 @@ class QuantizedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes as stored: codes, scales (at the format's width), zero points, tensor scale."""
+        """Bytes as stored: codes, scales (at the format's width), zero points, tensor scale, and
+        a double quantization's group absmaxes and offset."""
         bits = self.fmt.scale_bits
         scales = self.scales.nbytes if bits is None else -(-self.scales.size * bits // 8)
         zp = 0 if self.zero_points is None else self._zero_point_bytes()
         ts = 0 if self.tensor_scale is None else 4
-        return int(self.data.nbytes + scales + zp + ts)
+        dq = 0 if self.double_quant is None else self.double_quant.extra_nbytes
+        return int(self.data.nbytes + scales + zp + ts + dq)
 
     def _zero_point_bytes(self) -> int:
         zp = self.zero_points

@@ -70,3 +70,5 @@ class RoundToNearest:
 RTN = register_method(RoundToNearest())
 
 __all__ = ["Method", "available_methods", "get_method", "register_method"]
+
+from . import hqq, mse  # noqa: E402,F401  (each registers its method)

@@ -103,6 +103,12 @@ class AffineUInt(Format):
             lo, hi = lo * blocks.dtype.type(clip_ratio), hi * blocks.dtype.type(clip_ratio)
         scale, span, unit = _range_scale(hi, lo, self.code_max)
         scale = _cover(scale, span, self.code_max, unit)
+        # the rounded zero point shifts the grid by up to half a step, so the scale must cover
+        # the span in code_max steps. In the normal range it does, to within float rounding;
+        # a subnormal scale can fall short by a sizeable part of a step: nudge those up.
+        sub = scale < np.finfo(scale.dtype).tiny
+        if sub.any():
+            scale = np.where(sub, _cover(scale, span, self.code_max - 0.5, unit), scale)
         zp = np.clip(-np.rint(lo / scale), self.code_min, self.code_max).astype(np.uint8)
         return scale, zp
 

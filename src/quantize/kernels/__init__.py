@@ -10,12 +10,15 @@ and return exactly what the NumPy path returns (`quantize.kernels.reference`, bi
     res = quantize_rows("nvfp4", x2d, 16)          # unpacks as the same three arrays
     x = dequantize_rows("nvfp4", *res, n, 16, np.float32, tensor_scale=res.tensor_scale)
 
-Supported: formats "int4", "uint4" (`int4.py`), "fp4_e2m1", "mxfp4", "mxfp4_ceil", "nvfp4"
-(`fp4.py`) and "nf4" (`nf4.py`) with clip_ratio 1 (the round-to-nearest rule); quantize from
-float32, float16 or bfloat16 (float32 scales; other dtypes stay on the NumPy path, or cast them
-to float32 first, which is what the NumPy path does); dequantize from float32 scales to float32,
-float16, bfloat16 or float64, rounded and saturating exactly as `QuantizedTensor.dequantize` does
-(once from the exact value; bfloat16 through float32, as ml_dtypes casts).
+Supported: formats "int4", "uint4", "int4_ort" (`intvec.py` on `int4.py`'s rules; int4_ort
+dequantizes as uint4, and "nf4_dq", whose stored scales are plain float32, as nf4),
+"fp4_e2m1", "mxfp4", "mxfp4_ceil", "nvfp4" (`fp4.py`) and "nf4" (`nf4.py`) with clip_ratio 1
+(the round-to-nearest rule); quantize from float32, float16 or bfloat16 (float32 scales;
+other dtypes stay on the NumPy path, or cast them to float32 first, which is what the NumPy
+path does); dequantize from
+float32 scales to float32, float16, bfloat16 or float64, rounded and saturating exactly as
+`QuantizedTensor.dequantize` does (once from the exact value; bfloat16 through float32, as
+ml_dtypes casts).
 `available(fmt, dtype, op)` says which. nvfp4 has a second-level float32 tensor scale, computed
 from the whole (rows, n) array: `quantize_rows` returns it as `.tensor_scale` of its result and
 `dequantize_rows` takes it as `tensor_scale=`.
@@ -31,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import platform
 import threading
 from collections.abc import Iterator
 from types import ModuleType
@@ -39,11 +43,26 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-FORMATS = ("int4", "uint4", "fp4_e2m1", "mxfp4", "mxfp4_ceil", "nvfp4", "nf4")
+FORMATS = (
+    "int4",
+    "uint4",
+    "int4_ort",
+    "fp4_e2m1",
+    "mxfp4",
+    "mxfp4_ceil",
+    "nvfp4",
+    "nf4",
+    "nf4_dq",
+)
+#: formats that dequantize with another format's kernel: their stored scales are plain float32
+#: (nf4_dq's are the decoded double-quantized ones)
+DEQUANTIZE_ALIASES = {"nf4_dq": "nf4", "int4_ort": "uint4"}
 #: formats with a second-level tensor scale (quantize_rows returns it, dequantize_rows takes it)
 TENSOR_SCALE_FORMATS = ("nvfp4",)
 #: the E2M1 formats' scale rule in `fp4.quantize_e2m1` (fp4.MODE_*, without importing numba)
 _E2M1_MODES = {"fp4_e2m1": 0, "mxfp4": 1, "mxfp4_ceil": 2, "nvfp4": 3}
+#: the integer formats' rule in `intvec.quantize_int` (intvec.INT4, ...)
+_INT_CODES = {"int4": 0, "uint4": 1, "int4_ort": 2}
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 # how each element type reaches the kernels (numba has no CPU float16/bfloat16)
 _VIEWS = {
@@ -55,6 +74,9 @@ _VIEWS = {
 QUANTIZE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), _BF16)
 DEQUANTIZE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), _BF16, np.dtype(np.float64))
 ENV_THREADS = "QUANTIZE_NUM_THREADS"
+#: results at least this large are written with non-temporal stores (int4/uint4 to float32)
+_STREAM_MIN_BYTES = int(os.environ.get("QUANTIZE_STREAM_MIN_BYTES", 64 << 20))
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
 #: elements per parallel work item (a run of blocks in one row), fewer when there is little work
 _ITEM_ELEMENTS = 4096
 _MIN_ITEMS = 64
@@ -73,6 +95,8 @@ def available(fmt_name: str, dtype: Any, op: str = "quantize") -> bool:
     except TypeError:
         return False
     dtypes = QUANTIZE_DTYPES if op == "quantize" else DEQUANTIZE_DTYPES
+    if op == "dequantize":
+        fmt_name = DEQUANTIZE_ALIASES.get(fmt_name, fmt_name)
     return fmt_name in FORMATS and dt in dtypes and _numba_installed()
 
 
@@ -108,9 +132,9 @@ def _numba_installed() -> bool:
 
 def _kernels(fmt_name: str = "int4") -> ModuleType:
     """The module holding `fmt_name`'s kernels; importing it imports numba."""
-    if fmt_name in ("int4", "uint4"):
-        key = "int4"
-    elif fmt_name == "nf4":
+    if fmt_name in ("int4", "uint4", "int4_ort"):
+        key = "intvec"
+    elif fmt_name in ("nf4", "nf4_dq"):
         key = "nf4"
     else:
         key = "fp4"
@@ -124,17 +148,21 @@ def _kernels(fmt_name: str = "int4") -> ModuleType:
 
 class QuantizedRows(tuple):
     """`quantize_rows`' result: the 3-tuple (packed, scales, zero_points), so it unpacks as one,
-    plus `tensor_scale`: nvfp4's float32 tensor scale, None for the other formats."""
+    plus `tensor_scale`: nvfp4's float32 tensor scale, None for the other formats, and
+    `double_quant`: nf4_dq's `formats.nf4.DoubleQuant` of the scales (flattened in C order, as
+    a tensor's), None for the others."""
 
     tensor_scale: np.float32 | None
+    double_quant: Any
 
-    def __new__(cls, packed, scales, zero_points, tensor_scale=None):
+    def __new__(cls, packed, scales, zero_points, tensor_scale=None, double_quant=None):
         self = super().__new__(cls, (packed, scales, zero_points))
         self.tensor_scale = tensor_scale
+        self.double_quant = double_quant
         return self
 
     def __getnewargs__(self):  # pickling and copying keep the tensor scale
-        return (*self, self.tensor_scale)
+        return (*self, self.tensor_scale, self.double_quant)
 
     @property
     def packed(self) -> np.ndarray:
@@ -234,21 +262,24 @@ def quantize_rows(
     nb = -(-n // bs)
     packed = np.empty((rows, -(-nb * bs // 2)), np.uint8)
     scales = np.empty((rows, nb), np.float32)
-    zp = np.empty((rows, nb), np.uint8) if fmt_name == "uint4" else None
+    zp = np.empty((rows, nb), np.uint8) if fmt_name in ("uint4", "int4_ort") else None
     two_level = fmt_name in TENSOR_SCALE_FORMATS
     if rows == 0:
         return QuantizedRows(packed, scales, zp, np.float32(1.0) if two_level else None)
     xv = np.ascontiguousarray(x).view(_VIEWS[x.dtype])
     k = _kernels(fmt_name)
     chunk = _chunk(rows, nb, bs)
-    ts = None
+    ts = dq = None
     with _launch(num_threads):
-        if fmt_name == "int4":
-            k.quantize_int4(xv, packed, scales, bs, chunk)
-        elif fmt_name == "uint4":
-            k.quantize_uint4(xv, packed, scales, zp, bs, chunk)
+        if fmt_name in _INT_CODES:
+            zpa = np.empty((1, nb), np.uint8) if zp is None else zp  # int4: a placeholder
+            k.quantize_int(xv, packed, scales, zpa, bs, chunk, _INT_CODES[fmt_name])
         elif fmt_name == "nf4":
-            k.quantize_nf4(xv, packed, scales, bs, chunk)
+            k.quantize_nf4(xv, packed, scales, bs, chunk, False)
+        elif fmt_name == "nf4_dq":  # block amaxes, their 8-bit compression, codes against it
+            _kernels("fp4").block_amax(xv, scales, bs, chunk)
+            dq = _double_quantize(scales)
+            k.quantize_nf4(xv, packed, scales, bs, chunk, True)
         else:
             if two_level:  # block amaxes into `scales` first; their max gives the tensor scale
                 key = k.block_amax(xv, scales, bs, chunk)
@@ -263,7 +294,31 @@ def quantize_rows(
                 np.float32(1.0) if ts is None else ts,
                 two_level,
             )
-    return QuantizedRows(packed, scales, zp, ts)
+    return QuantizedRows(packed, scales, zp, ts, dq)
+
+
+def _double_quantize(scales: np.ndarray) -> Any:
+    """nf4_dq's scales from the block amaxes in `scales` (overwritten with the stored scales,
+    as `NF4DoubleQuant` computes them: all-zero blocks are those whose amax is 0)."""
+    from ..formats.nf4 import double_quantize
+
+    dq = double_quantize(scales, zero=scales == 0)
+    scales[...] = dq.values()
+    return dq
+
+
+def _stream(out: np.ndarray, bs: int) -> bool:
+    """Write `out` with non-temporal stores? Only a float32 result too large to stay in the
+    cache (a plain store first reads every line it writes), on x86-64, with its vector stores
+    16-byte aligned (row starts and blocks of a multiple of 16 elements)."""
+    return (
+        out.dtype == np.float32
+        and out.nbytes >= _STREAM_MIN_BYTES
+        and bs % 16 == 0
+        and out.shape[1] % 4 == 0
+        and out.ctypes.data % 16 == 0
+        and _X86
+    )
 
 
 def _nvfp4_tensor_scale(amax: np.float32) -> np.float32:
@@ -295,7 +350,9 @@ def dequantize_rows(
     NumPy path takes it; the others take None), rounded to `out_dtype` with values past its
     range clamped to its largest finite value, as `QuantizedTensor.dequantize` does. `out`, if
     given, must be a C-contiguous (rows, n) array of `out_dtype`; it is filled and returned.
+    nf4_dq (decoded float32 scales) dequantizes as nf4.
     """
+    fmt_name = DEQUANTIZE_ALIASES.get(fmt_name, fmt_name)
     _check_format(fmt_name)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
@@ -346,11 +403,10 @@ def dequantize_rows(
     k = _kernels(fmt_name)
     chunk = _chunk(rows, nb, bs)
     with _launch(num_threads):
-        if fmt_name == "int4":
-            k.dequantize_int4(packed, scales, ov, bs, chunk)
-        elif fmt_name == "uint4":
-            zp = np.ascontiguousarray(zero_points)
-            k.dequantize_uint4(packed, scales, zp, ov, bs, chunk)
+        if fmt_name in ("int4", "uint4"):
+            signed = fmt_name == "int4"
+            zp = np.empty((1, nb), np.uint8) if signed else np.ascontiguousarray(zero_points)
+            k.dequantize_int(packed, scales, zp, ov, bs, chunk, signed, _stream(out, bs))
         elif fmt_name == "nf4":
             k.dequantize_nf4(packed, scales, ov, bs, chunk)
         else:

@@ -59,6 +59,8 @@ numba target is. numba's on-disk cache keys on this file only: after editing hel
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -370,7 +372,7 @@ def _prefetch_ir(builder, ptr):
     builder.call(fn, [builder.bitcast(ptr, i8p), _c32(0), _c32(3), _c32(1)])
 
 
-def _codes_blocks(kind, encode):
+def _codes_blocks(kind, encode, zero_points=False):
     """An intrinsic (x_row, packed_row, scales_row, b0, b1, bs, t, ahead) -> None: the codes of
     the whole blocks b0..b1-1 of a row (bs % 16 == 0), 16 elements at a time, every line of
     each block's input prefetched `ahead` elements further on (loads past the array's end
@@ -380,59 +382,75 @@ def _codes_blocks(kind, encode):
         `effective_scale` does); a block whose d underflowed to 0 is encoded NaN-aware;
     kind "mul": x * (1 / s) (mx: 1 / s exact);
     kind "inv": x * (1 / s), or x / s where 1 / s overflows (NF4.encode's rule).
-    `encode(builder, q, nan_aware)` -> <16 x i32> codes.
+    `encode(builder, q, nan_aware)` -> <16 x i32> codes. With `zero_points` the intrinsic takes
+    the row's uint8 zero points after its scales and calls `encode(builder, q, nan_aware, zp)`,
+    zp the block's as an i32.
     """
+
+    def codegen(context, builder, sig, args):
+        xty, pty, sty = sig.args[:3]
+        xa, pa, sa = args[:3]
+        if zero_points:
+            zty, za = sig.args[3], args[3]
+        b0v, b1v, bsv, tv, aheadv = args[-5:]
+        intp = b0v.type
+        one = ir.Constant(_F32, 1.0)
+        units = builder.udiv(bsv, intp(_W))
+        line = intp(max(1, 64 // context.get_abi_sizeof(context.get_data_type(xty.dtype))))
+        xdata = context.make_array(xty)(context, builder, xa).data
+        sdata = context.make_array(sty)(context, builder, sa).data
+
+        def run(s0, factor, div, nan_aware, zp):
+            fs = _vsplat(builder, factor)
+            with cgutils.for_range(builder, units) as loop:
+                o = builder.add(s0, builder.mul(loop.index, intp(_W)))
+                v = _vload(context, builder, xty, xa, o)
+                q = builder.fdiv(v, fs) if div else builder.fmul(v, fs)
+                c = encode(builder, q, nan_aware, *zp)
+                _vstore_packed(context, builder, pty, pa, builder.udiv(o, intp(2)), c)
+
+        with cgutils.for_range_slice(builder, b0v, b1v, intp(1), intp=intp) as (b, _):
+            s0 = builder.mul(b, bsv)
+            with cgutils.for_range_slice(builder, intp(0), bsv, line, intp=intp) as (j, _):
+                _prefetch_ir(builder, builder.gep(xdata, [builder.add(s0, builder.add(aheadv, j))]))
+            scale = builder.load(builder.gep(sdata, [b]))
+            zp = ()
+            if zero_points:
+                zdata = context.make_array(zty)(context, builder, za).data
+                zp = (builder.zext(builder.load(builder.gep(zdata, [b])), _I32),)
+            if kind == "div":
+                d = builder.fmul(scale, tv)
+                zero = builder.fcmp_ordered("==", d, ir.Constant(_F32, 0.0))
+                with builder.if_else(zero, likely=False) as (then, otherwise):
+                    with then:
+                        run(s0, d, True, True, zp)
+                    with otherwise:
+                        run(s0, d, True, False, zp)
+            elif kind == "mul":
+                run(s0, builder.fdiv(one, scale), False, False, zp)
+            else:
+                inv = builder.fdiv(one, scale)
+                big = builder.fcmp_ordered("==", inv, ir.Constant(_F32, float("inf")))
+                with builder.if_else(big, likely=False) as (then, otherwise):
+                    with then:
+                        run(s0, scale, True, False, zp)
+                    with otherwise:
+                        run(s0, inv, False, False, zp)
+        return context.get_dummy_value()
+
+    tail = (types.intp, types.intp, types.intp, types.float32, types.intp)
+
+    if zero_points:
+
+        @intrinsic
+        def codes_blocks_zp(typingctx, xr, pr, sr, zr, b0, b1, bs, t, ahead):
+            return types.void(xr, pr, sr, zr, *tail), codegen
+
+        return codes_blocks_zp
 
     @intrinsic
     def codes_blocks(typingctx, xr, pr, sr, b0, b1, bs, t, ahead):
-        def codegen(context, builder, sig, args):
-            xty, pty, sty = sig.args[:3]
-            xa, pa, sa, b0v, b1v, bsv, tv, aheadv = args
-            intp = b0v.type
-            one = ir.Constant(_F32, 1.0)
-            units = builder.udiv(bsv, intp(_W))
-            line = intp(max(1, 64 // context.get_abi_sizeof(context.get_data_type(xty.dtype))))
-            xdata = context.make_array(xty)(context, builder, xa).data
-            sdata = context.make_array(sty)(context, builder, sa).data
-
-            def run(s0, factor, div, nan_aware):
-                fs = _vsplat(builder, factor)
-                with cgutils.for_range(builder, units) as loop:
-                    o = builder.add(s0, builder.mul(loop.index, intp(_W)))
-                    v = _vload(context, builder, xty, xa, o)
-                    q = builder.fdiv(v, fs) if div else builder.fmul(v, fs)
-                    po = builder.udiv(o, intp(2))
-                    _vstore_packed(context, builder, pty, pa, po, encode(builder, q, nan_aware))
-
-            with cgutils.for_range_slice(builder, b0v, b1v, intp(1), intp=intp) as (b, _):
-                s0 = builder.mul(b, bsv)
-                with cgutils.for_range_slice(builder, intp(0), bsv, line, intp=intp) as (j, _):
-                    _prefetch_ir(
-                        builder, builder.gep(xdata, [builder.add(s0, builder.add(aheadv, j))])
-                    )
-                scale = builder.load(builder.gep(sdata, [b]))
-                if kind == "div":
-                    d = builder.fmul(scale, tv)
-                    zero = builder.fcmp_ordered("==", d, ir.Constant(_F32, 0.0))
-                    with builder.if_else(zero, likely=False) as (then, otherwise):
-                        with then:
-                            run(s0, d, True, True)
-                        with otherwise:
-                            run(s0, d, True, False)
-                elif kind == "mul":
-                    run(s0, builder.fdiv(one, scale), False, False)
-                else:
-                    inv = builder.fdiv(one, scale)
-                    big = builder.fcmp_ordered("==", inv, ir.Constant(_F32, float("inf")))
-                    with builder.if_else(big, likely=False) as (then, otherwise):
-                        with then:
-                            run(s0, scale, True, False)
-                        with otherwise:
-                            run(s0, inv, False, False)
-            return context.get_dummy_value()
-
-        sig = types.void(xr, pr, sr, types.intp, types.intp, types.intp, types.float32, types.intp)
-        return sig, codegen
+        return types.void(xr, pr, sr, *tail), codegen
 
     return codes_blocks
 
@@ -464,12 +482,13 @@ def _e2m1_value_vec(builder, c):
     return builder.bitcast(builder.or_(mag, sign), _VF)
 
 
-def _vstore_out(context, builder, arrty, arr, off, c, s):
+def _vstore_out(context, builder, arrty, arr, off, c, s, stream=False):
     """arr[off:off + 16] = c * s (<16 x float> values, float32 scale) rounded once to the
     array's type and saturating, as the scalar `int4._store` does: float32 (the float32
     product, +-inf -> +-max), float64 (the exact product), float16 as uint16 bits (the float32
     product made round-to-odd with an fma residual, then rounded to half; past the range
-    +-65504), bfloat16 as int16 bits (the float32 product rounded, past the range +-max)."""
+    +-65504), bfloat16 as int16 bits (the float32 product rounded, past the range +-max).
+    `stream` (float32 only; the address must be 16-byte aligned): a non-temporal store."""
     dt = arrty.dtype
     ptr = _ptr(context, builder, arrty, arr, off)
     if dt == types.float64:
@@ -485,7 +504,9 @@ def _vstore_out(context, builder, arrty, arr, off, c, s):
     if dt == types.float32:
         inf = builder.icmp_unsigned("==", a, _splat(0x7F800000))
         r = builder.select(inf, builder.or_(sign, _splat(0x7F7FFFFF)), x)
-        builder.store(r, builder.bitcast(ptr, _V32.as_pointer()), align=4)
+        st = builder.store(r, builder.bitcast(ptr, _V32.as_pointer()), align=16 if stream else 4)
+        if stream:
+            st.set_metadata("nontemporal", builder.module.add_metadata([_c32(1)]))
         return
     v16 = ir.VectorType(ir.IntType(16), _W)
     if dt == types.int16:  # bfloat16
@@ -524,37 +545,58 @@ def _vstore_out(context, builder, arrty, arr, off, c, s):
     builder.store(builder.trunc(h, v16), builder.bitcast(ptr, v16.as_pointer()), align=2)
 
 
-def _dequant_blocks(decode):
+def _dequant_blocks(decode, zero_points=False, stream=False):
     """An intrinsic (packed_row, scales_row, out_row, b0, b1, bs, ts, two_level) -> None: the
     whole blocks b0..b1-1 of a row (bs % 16 == 0), 16 elements at a time: value = decode(code)
     (<16 x i32> -> <16 x float>), then value * scale, or (value * scale) * ts if `two_level`
-    (value * scale exact), rounded once to the output's type (`_vstore_out`)."""
+    (value * scale exact), rounded once to the output's type (`_vstore_out`). With
+    `zero_points` the intrinsic takes the row's uint8 zero points after its scales and calls
+    `decode(builder, codes, zp)`, zp the block's as an i32. With `stream` (float32 output
+    whose row starts are 16-byte aligned), non-temporal stores: the output goes to memory
+    without first reading every line into the cache (which a plain store does), and an sfence
+    orders them before the work item ends."""
+
+    def codegen(context, builder, sig, args):
+        pty, sty = sig.args[:2]
+        oty = sig.args[-6]
+        pa, sa = args[:2]
+        oa, b0v, b1v, bsv, tsv, two = args[-6:]
+        intp = b0v.type
+        units = builder.udiv(bsv, intp(_W))
+        sdata = context.make_array(sty)(context, builder, sa).data
+        if zero_points:
+            zdata = context.make_array(sig.args[2])(context, builder, args[2]).data
+        with cgutils.for_range_slice(builder, b0v, b1v, intp(1), intp=intp) as (b, _):
+            s0 = builder.mul(b, bsv)
+            scale = builder.load(builder.gep(sdata, [b]))
+            zp = ()
+            if zero_points:
+                zp = (builder.zext(builder.load(builder.gep(zdata, [b])), _I32),)
+            m = builder.select(two, scale, ir.Constant(_F32, 1.0))
+            sc = builder.select(two, tsv, scale)
+            mv = _vsplat(builder, m)
+            with cgutils.for_range(builder, units) as loop:
+                o = builder.add(s0, builder.mul(loop.index, intp(_W)))
+                codes = _vload_codes(context, builder, pty, pa, builder.udiv(o, intp(2)))
+                c = builder.fmul(decode(builder, codes, *zp), mv)
+                _vstore_out(context, builder, oty, oa, o, c, sc, stream)
+        if stream and platform.machine().lower() in ("x86_64", "amd64"):  # weakly ordered
+            builder.call(_vfunc(builder, "llvm.x86.sse.sfence", ir.VoidType(), []), [])
+        return context.get_dummy_value()
+
+    tail = (types.intp, types.intp, types.intp, types.float32, types.boolean)
+
+    if zero_points:
+
+        @intrinsic
+        def dequant_blocks_zp(typingctx, pr, sr, zr, orow, b0, b1, bs, ts, two_level):
+            return types.void(pr, sr, zr, orow, *tail), codegen
+
+        return dequant_blocks_zp
 
     @intrinsic
     def dequant_blocks(typingctx, pr, sr, orow, b0, b1, bs, ts, two_level):
-        def codegen(context, builder, sig, args):
-            pty, sty, oty = sig.args[:3]
-            pa, sa, oa, b0v, b1v, bsv, tsv, two = args
-            intp = b0v.type
-            units = builder.udiv(bsv, intp(_W))
-            sdata = context.make_array(sty)(context, builder, sa).data
-            with cgutils.for_range_slice(builder, b0v, b1v, intp(1), intp=intp) as (b, _):
-                s0 = builder.mul(b, bsv)
-                scale = builder.load(builder.gep(sdata, [b]))
-                m = builder.select(two, scale, ir.Constant(_F32, 1.0))
-                sc = builder.select(two, tsv, scale)
-                mv = _vsplat(builder, m)
-                with cgutils.for_range(builder, units) as loop:
-                    o = builder.add(s0, builder.mul(loop.index, intp(_W)))
-                    codes = _vload_codes(context, builder, pty, pa, builder.udiv(o, intp(2)))
-                    c = builder.fmul(decode(builder, codes), mv)
-                    _vstore_out(context, builder, oty, oa, o, c, sc)
-            return context.get_dummy_value()
-
-        sig = types.void(
-            pr, sr, orow, types.intp, types.intp, types.intp, types.float32, types.boolean
-        )
-        return sig, codegen
+        return types.void(pr, sr, orow, *tail), codegen
 
     return dequant_blocks
 

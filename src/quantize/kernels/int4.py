@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
@@ -340,13 +340,24 @@ def _int4_scale(xb):
 
 
 @njit(inline="always")
-def _uint4_params(xb):
-    hk = np.int32(0)  # bits of the largest positive value (0: none)
-    lk = np.int32(0)  # bits of -(the most negative value) (0: none)
+def _range_keys(xb):
+    """(bits of the block's largest positive value, bits of -(its most negative value)); 0 for
+    none. Both order like magnitudes, as int32 max-reductions (which vectorise)."""
+    hk = np.int32(0)
+    lk = np.int32(0)
     for i in range(xb.shape[0]):
         v = _load(xb, i)
         hk = max(hk, _bits(v))
         lk = max(lk, _neg_key(v))
+    return hk, lk
+
+
+_TINY = np.float32(np.finfo(np.float32).tiny)
+
+
+@njit(inline="always")
+def _uint4_params(xb):
+    hk, lk = _range_keys(xb)
     hi = _from_bits(hk)
     lo = -_from_bits(lk) if lk > 0 else np.float32(0.0)
     span = hi - lo
@@ -359,6 +370,8 @@ def _uint4_params(xb):
         span64 = np.float64(span)
         scale = span / _FIFTEEN
     scale = _cover(scale, span64, 15.5)
+    if scale < _TINY:  # subnormal: cover the span in 15 steps (see AffineUInt.choose_params)
+        scale = _cover(scale, span64, 15.0)
     zp = np.int32(min(max(-np.rint(lo / scale), _ZERO), _FIFTEEN))
     return scale, zp
 
@@ -417,178 +430,74 @@ def _prefetch_ahead(x, flat0, length, total):
             _prefetch(x, k)
 
 
-# --- quantize + pack ------------------------------------------------------------------------------
+# --- int4_ort's scalar helpers (ONNX Runtime's rule, formats.integer.OrtInt4) ------------------
+# The kernels (`quantize_int4_ort`, and the dequantize kernels of all three formats) are in
+# `intvec`, which builds on `fp4`'s vector IR.
+
+_EIGHT = np.float32(8.0)
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def quantize_int4(x, packed, scales, bs, chunk):
-    """x (rows, n) -> packed (rows, ceil(nb*bs/2)) uint8, scales (rows, nb) float32.
-
-    `chunk` blocks per parallel work item; chunk * bs must be even unless chunk >= nb.
-    """
-    rows, n = x.shape
-    nb = scales.shape[1]
-    nchunks = (nb + chunk - 1) // chunk
-    total = rows * n
-    for item in prange(rows * nchunks):
-        r = item // nchunks
-        b0 = (item - r * nchunks) * chunk
-        b1 = min(b0 + chunk, nb)
-        xr = x[r]
-        pr = packed[r]
-        sr = scales[r]
-        # two passes over the item's blocks (which stay in L1): first every block's scale, whose
-        # latency chains (reduction, division, cover) then overlap, then the codes
-        for b in range(b0, b1):
-            s0 = b * bs
-            e = min(s0 + bs, n)
-            _prefetch_ahead(x, r * n + s0, e - s0, total)
-            sr[b] = _int4_scale(xr[s0:e])
-        # full blocks of an even size start on a byte: whole bytes, in a vectorised loop
-        fast_end = max(b0, min(b1, n // bs)) if bs % 2 == 0 else b0
-        for b in range(b0, fast_end):
-            s0 = b * bs
-            xb = xr[s0 : s0 + bs]
-            pb = pr[s0 // 2 : s0 // 2 + bs // 2]
-            scale = sr[b]
-            for k in range(bs // 2):
-                c0 = _code_int4(_load(xb, 2 * k), scale)
-                c1 = _code_int4(_load(xb, 2 * k + 1), scale)
-                pb[k] = _pack2(c0, c1)
-        # odd block sizes and the padded last block: nibble by nibble (items start on a byte)
-        low = np.int32(0)  # the pending low nibble
-        for b in range(fast_end, b1):
-            s0 = b * bs
-            xb = xr[s0 : min(s0 + bs, n)]
-            scale = sr[b]
-            for j in range(bs):
-                c = _code_int4(_load(xb, j), scale) if s0 + j < n else np.int32(0)
-                p = s0 + j
-                if p % 2 == 0:
-                    low = c
-                else:
-                    pr[p // 2] = _pack2(low, c)
-        end = b1 * bs
-        if end % 2 == 1:  # odd total: a zero high nibble pads the row's last byte
-            pr[end // 2] = _pack2(low, np.int32(0))
+@njit(inline="always")
+def _ort_params(xb):
+    """(scale, zero point) of `OrtInt4.choose_params` for one block: the extreme e (max if
+    |max| > |min|, else min: a tie picks min), scale = |e| / 8 nudged up while scale * 8 <
+    |e|, 1 if e == 0; zero point 7 when e > 0 (ORT's scale negative), else 8. With max and min
+    clamped to 0 (`_range_keys`) e is the same: an all-positive block's extreme is its max."""
+    hk, lk = _range_keys(xb)
+    if hk > lk:
+        return _cover(_from_bits(hk) / _EIGHT, np.float64(_from_bits(hk)), 8.0), np.int32(7)
+    if lk == 0:
+        return _ONE, np.int32(8)
+    return _cover(_from_bits(lk) / _EIGHT, np.float64(_from_bits(lk)), 8.0), np.int32(8)
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def quantize_uint4(x, packed, scales, zero_points, bs, chunk):
-    """As `quantize_int4`, plus zero_points (rows, nb) uint8; padding holds the zero point."""
-    rows, n = x.shape
-    nb = scales.shape[1]
-    nchunks = (nb + chunk - 1) // chunk
-    total = rows * n
-    for item in prange(rows * nchunks):
-        r = item // nchunks
-        b0 = (item - r * nchunks) * chunk
-        b1 = min(b0 + chunk, nb)
-        xr = x[r]
-        pr = packed[r]
-        sr = scales[r]
-        zr = zero_points[r]
-        for b in range(b0, b1):
-            s0 = b * bs
-            e = min(s0 + bs, n)
-            _prefetch_ahead(x, r * n + s0, e - s0, total)
-            scale, zp = _uint4_params(xr[s0:e])
-            sr[b] = scale
-            zr[b] = np.uint8(zp)
-        fast_end = max(b0, min(b1, n // bs)) if bs % 2 == 0 else b0
-        for b in range(b0, fast_end):
-            s0 = b * bs
-            xb = xr[s0 : s0 + bs]
-            pb = pr[s0 // 2 : s0 // 2 + bs // 2]
-            scale = sr[b]
-            zp = np.int32(zr[b])
-            for k in range(bs // 2):
-                c0 = _code_uint4(_load(xb, 2 * k), scale, zp)
-                c1 = _code_uint4(_load(xb, 2 * k + 1), scale, zp)
-                pb[k] = _pack2(c0, c1)
-        low = np.int32(0)
-        for b in range(fast_end, b1):
-            s0 = b * bs
-            xb = xr[s0 : min(s0 + bs, n)]
-            scale = sr[b]
-            zp = np.int32(zr[b])
-            for j in range(bs):
-                c = _code_uint4(_load(xb, j), scale, zp) if s0 + j < n else zp
-                p = s0 + j
-                if p % 2 == 0:
-                    low = c
-                else:
-                    pr[p // 2] = _pack2(low, c)
-        end = b1 * bs
-        if end % 2 == 1:
-            pr[end // 2] = _pack2(low, np.int32(0))
+def _ort_code_ir(builder, q, flip):
+    """clamp(roundf(q + 8), 0, 15) ^ flip in i32 (roundf by floor and the exact fraction: ties
+    up, as `integer._round_half_up`)."""
+    q = builder.fadd(q, ir.Constant(_F32, 8.0))
+    floor = builder.module.declare_intrinsic("llvm.floor", [_F32])
+    t = builder.call(floor, [q])
+    up = builder.fcmp_ordered(">=", builder.fsub(q, t), ir.Constant(_F32, 0.5))
+    c = builder.add(builder.fptosi(t, _I32), builder.zext(up, _I32))
+    c = builder.select(builder.icmp_signed("<", c, _c32(0)), _c32(0), c)
+    c = builder.select(builder.icmp_signed(">", c, _c32(15)), _c32(15), c)
+    return builder.xor(c, flip)
 
 
-# --- unpack + dequantize --------------------------------------------------------------------------
+@intrinsic
+def _code_ort(typingctx, v, rcp, flip):
+    """The int4_ort code of v: from v * rcp (rcp = 1 / ORT's signed scale), `flip` 15 or 0."""
+
+    def codegen(context, builder, sig, args):
+        return _ort_code_ir(builder, builder.fmul(args[0], args[1]), args[2])
+
+    return types.int32(types.float32, types.float32, types.int32), codegen
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def dequantize_int4(packed, scales, out, bs, chunk):
-    """packed (rows, ceil(nb*bs/2)), scales (rows, nb) float32 -> out (rows, n), n <= nb*bs."""
-    rows, n = out.shape
-    nb = scales.shape[1]
-    nchunks = (nb + chunk - 1) // chunk
-    for item in prange(rows * nchunks):
-        r = item // nchunks
-        b0 = (item - r * nchunks) * chunk
-        b1 = min(b0 + chunk, nb)
-        pr = packed[r]
-        orow = out[r]
-        sr = scales[r]
-        fast_end = max(b0, min(b1, n // bs)) if bs % 2 == 0 else b0
-        for b in range(b0, fast_end):  # full blocks of an even size: whole bytes
-            s0 = b * bs
-            ob = orow[s0 : s0 + bs]
-            pb = pr[s0 // 2 : s0 // 2 + bs // 2]
-            scale = sr[b]
-            for k in range(bs // 2):
-                _store(ob, 2 * k, _low_s4(pb[k]), scale)
-                _store(ob, 2 * k + 1, _high_s4(pb[k]), scale)
-        for b in range(fast_end, b1):  # odd block sizes, the last block: nibble by nibble
-            s0 = b * bs
-            ob = orow[s0 : min(s0 + bs, n)]
-            scale = sr[b]
-            for j in range(ob.shape[0]):
-                p = s0 + j
-                c = _high_s4(pr[p // 2]) if p % 2 else _low_s4(pr[p // 2])
-                _store(ob, j, c, scale)
+@intrinsic
+def _code_ort_div(typingctx, v, s, flip):
+    """As `_code_ort` from v / s, for the blocks whose 1 / s overflows (OrtInt4.encode divides)."""
+
+    def codegen(context, builder, sig, args):
+        return _ort_code_ir(builder, builder.fdiv(args[0], args[1]), args[2])
+
+    return types.int32(types.float32, types.float32, types.int32), codegen
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def dequantize_uint4(packed, scales, zero_points, out, bs, chunk):
-    """As `dequantize_int4`, x = (code - zero_point) * scale."""
-    rows, n = out.shape
-    nb = scales.shape[1]
-    nchunks = (nb + chunk - 1) // chunk
-    for item in prange(rows * nchunks):
-        r = item // nchunks
-        b0 = (item - r * nchunks) * chunk
-        b1 = min(b0 + chunk, nb)
-        pr = packed[r]
-        orow = out[r]
-        sr = scales[r]
-        zr = zero_points[r]
-        fast_end = max(b0, min(b1, n // bs)) if bs % 2 == 0 else b0
-        for b in range(b0, fast_end):
-            s0 = b * bs
-            ob = orow[s0 : s0 + bs]
-            pb = pr[s0 // 2 : s0 // 2 + bs // 2]
-            scale = sr[b]
-            zp = zr[b]
-            for k in range(bs // 2):
-                _store(ob, 2 * k, _low_u4(pb[k], zp), scale)
-                _store(ob, 2 * k + 1, _high_u4(pb[k], zp), scale)
-        for b in range(fast_end, b1):
-            s0 = b * bs
-            ob = orow[s0 : min(s0 + bs, n)]
-            scale = sr[b]
-            zp = zr[b]
-            for j in range(ob.shape[0]):
-                p = s0 + j
-                c = _high_u4(pr[p // 2], zp) if p % 2 else _low_u4(pr[p // 2], zp)
-                _store(ob, j, c, scale)
+@intrinsic
+def _recip(typingctx, s):
+    """1 / s in float32, IEEE (no zero-division check: s > 0 here)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fdiv(ir.Constant(_F32, 1.0), args[0])
+
+    return types.float32(types.float32), codegen
+
+
+@njit(inline="always")
+def _ort_signed(scale, zp):
+    """(ORT's signed scale, its reciprocal, whether that overflowed, the code's xor mask)."""
+    flip = np.int32(15) if zp == 7 else np.int32(0)
+    s = -scale if flip else scale
+    rcp = _recip(s)
+    return s, rcp, np.isinf(rcp), flip

@@ -178,10 +178,12 @@ _nf4_dequant_blocks = _dequant_blocks(_nf4_value_vec)
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def quantize_nf4(x, packed, scales, bs, chunk):
+def quantize_nf4(x, packed, scales, bs, chunk, have_scales):
     """x (rows, n) -> packed (rows, ceil(nb*bs/2)) uint8, scales (rows, nb) float32.
 
-    `chunk` blocks per parallel work item; chunk * bs must be even unless chunk >= nb.
+    `have_scales`: `scales` already holds the (positive) scales to encode against (nf4_dq's
+    double-quantized ones), which are kept. `chunk` blocks per parallel work item; chunk * bs
+    must be even unless chunk >= nb.
     """
     rows, n = x.shape
     nb = scales.shape[1]
@@ -194,9 +196,10 @@ def quantize_nf4(x, packed, scales, bs, chunk):
         pr = packed[r]
         sr = scales[r]
         # pass 1: every block's scale, the amax (1 for an all-zero block)
-        _row_amax(xr, sr, b0, b1, bs, n)
-        for b in range(b0, b1):
-            sr[b] = _ONE if sr[b] == 0 else sr[b]
+        if not have_scales:
+            _row_amax(xr, sr, b0, b1, bs, n)
+            for b in range(b0, b1):
+                sr[b] = _ONE if sr[b] == 0 else sr[b]
         # pass 2: the codes. Whole blocks of a multiple of 16: 16 at a time; the next item's
         # input is prefetched meanwhile
         fast_end = max(b0, min(b1, n // bs)) if bs % _W == 0 else b0

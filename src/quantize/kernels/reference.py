@@ -23,7 +23,8 @@ from . import QuantizedRows
 
 def quantize_rows(fmt_name: str, x2d: np.ndarray, block_size: int | None) -> QuantizedRows:
     """(packed, scales, zero_points or None) of each row of `x2d`, round to nearest; the
-    result's `.tensor_scale` is the format's tensor scale (nvfp4) or None."""
+    result's `.tensor_scale` is the format's tensor scale (nvfp4) or None, its `.double_quant`
+    nf4_dq's compressed scales or None."""
     fmt = get_format(fmt_name)
     x = np.asarray(x2d)
     n = x.shape[-1]
@@ -31,13 +32,17 @@ def quantize_rows(fmt_name: str, x2d: np.ndarray, block_size: int | None) -> Qua
     blocks = to_blocks(x.astype(compute_dtype(x.dtype), copy=False), bs, -1)
     tensor_scale = fmt.tensor_scale(blocks)
     scale, zp = fmt.choose_params(blocks)
+    dq = None
+    if getattr(fmt, "double_quant", False):  # nf4_dq: codes against the compressed scales
+        dq = fmt.compress_scales(scale, blocks)
+        scale = dq.values()
     pad = n_blocks(n, bs) * bs - n
     if pad:  # the padding is stored as the code of 0
         blocks[..., -1, bs - pad :] = 0
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         codes = fmt.encode(blocks, effective_scale(scale, tensor_scale), zp)
     packed = pack_nibbles(codes.reshape(*codes.shape[:-2], -1))
-    return QuantizedRows(packed, scale, zp, tensor_scale)
+    return QuantizedRows(packed, scale, zp, tensor_scale, dq)
 
 
 def dequantize_rows(

@@ -1,0 +1,87 @@
+"""Cost and accuracy of the data-free methods ("mse", "hqq") against round to nearest ("rtn").
+
+Run by hand: python benchmarks/bench_methods.py [--quick] [--no-hqq]
+Part 1, time: quantize_tensor on 4096x4096 float32 (seeded normal) at block 32 and 128,
+kernels on and off, best of 3 after a warm-up call (which compiles or loads the kernels);
+the ratio is each method's time over rtn's on the same path.
+Part 2, accuracy: SQNR (dB) of each method and its gain over rtn for int4, uint4 and nf4 at
+block 32 and 128, on gaussian and student-t(4) 4096x4096 weights. --quick uses 1024x4096.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+from quantize import quantize_tensor
+
+
+def best(fn, runs: int = 3) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def sqnr(x: np.ndarray, y: np.ndarray) -> float:
+    x64 = x.astype(np.float64)
+    return float(10 * np.log10((x64**2).sum() / ((x64 - y) ** 2).sum()))
+
+
+def timing(x: np.ndarray, formats: list[str], methods: list[str]) -> None:
+    head = " ".join(f"{m + ' ms':>9s}" for m in methods)
+    tail = " ".join(f"{m + '/rtn':>8s}" for m in methods[1:])
+    print(f"{'format':7s} {'block':>5s} {'path':8s} {head}   {tail}")
+    for fmt in formats:
+        for bs in (32, 128):
+            for switch, path in (("1", "kernels"), ("0", "numpy")):
+                os.environ["QUANTIZE_KERNELS"] = switch
+                t = {}
+                for m in methods:
+                    runs = 3 if m != "hqq" else 1
+                    quantize_tensor(x, fmt, bs, method=m)  # warm-up / compile
+                    t[m] = best(lambda: quantize_tensor(x, fmt, bs, method=m), runs)  # noqa: B023
+                cells = " ".join(f"{t[m] * 1e3:9.1f}" for m in methods)
+                ratios = " ".join(f"{t[m] / t['rtn']:8.1f}" for m in methods[1:])
+                print(f"{fmt:7s} {bs:5d} {path:8s} {cells}   {ratios}")
+    os.environ["QUANTIZE_KERNELS"] = "1"
+
+
+def accuracy(shape: tuple[int, int], methods: list[str]) -> None:
+    rng = np.random.default_rng(0)
+    data = {
+        "gaussian": rng.standard_normal(shape).astype(np.float32),
+        "student-t(4)": rng.standard_t(4, shape).astype(np.float32),
+    }
+    head = " ".join(f"{m + ' dB':>8s}" for m in methods)
+    tail = " ".join(f"{m + ' gain':>9s}" for m in methods[1:])
+    print(f"\n{'data':13s} {'format':6s} {'block':>5s} {head}   {tail}")
+    for name, x in data.items():
+        for fmt in ("int4", "uint4", "nf4"):
+            for bs in (32, 128):
+                q = {
+                    m: sqnr(x, quantize_tensor(x, fmt, bs, method=m).dequantize()) for m in methods
+                }
+                cells = " ".join(f"{q[m]:8.2f}" for m in methods)
+                gains = " ".join(f"{q[m] - q['rtn']:+9.2f}" for m in methods[1:])
+                print(f"{name:13s} {fmt:6s} {bs:5d} {cells}   {gains}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1024x4096 for the accuracy table")
+    ap.add_argument("--no-hqq", action="store_true", help="leave hqq out (it has no kernel)")
+    args = ap.parse_args()
+    methods = ["rtn", "mse"] + ([] if args.no_hqq else ["hqq"])
+    x = np.random.default_rng(0).standard_normal((4096, 4096)).astype(np.float32)
+    timing(x, ["int4", "uint4"], ["rtn", "mse"])
+    accuracy((1024, 4096) if args.quick else (4096, 4096), methods)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""Numba kernels for the MSE clipping search (`quantize.algorithms.mse`) on int4 and uint4.
+
+Importing this module imports numba. Per block: the round-to-nearest range (amax, or min and
+max), then for each ratio of the grid the format's scale rule applied to the shrunk range
+(`formats.integer`, bit for bit: float32 products and quotients, `_cover`, the uint4 zero point),
+the block's squared error with those params, and the params with the least error (strictly
+less: ties keep the larger range); then codes and packing as `int4.quantize_int4` does.
+
+The squared error follows `algorithms.mse.block_sse` exactly: the decoded value
+code * scale (float32, as `decode` computes it), its difference from x and the square in float64,
+added in order of the elements. All candidates of a block are scored in one pass over it, the
+candidates being the inner loop: a map over small arrays of scales and sums that LLVM vectorises
+(a sum over the elements would not vectorise without reassociation; no fast-math here).
+
+Codes are clamped in float before the conversion to int, so a tiny clip_ratio (x / scale far
+beyond the int32 range) still gives NumPy's clipped code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .int4 import (
+    _TINY,
+    _abs_key,
+    _bits,
+    _cover,
+    _from_bits,
+    _load,
+    _neg_key,
+    _pack2,
+    _prefetch_ahead,
+)
+
+_ONE = np.float32(1.0)
+_ZERO = np.float32(0.0)
+_SEVEN = np.float32(7.0)
+_FIFTEEN = np.float32(15.0)
+#: candidates scored per pass over a block (the vectorised inner loop's constant trip count)
+_LANES = 24
+
+
+@njit(inline="always")
+def _int4_code(v, scale):
+    """rint(v / scale) clipped to [-8, 7], as float32."""
+    return min(max(np.rint(v / scale), np.float32(-8.0)), _SEVEN)
+
+
+@njit(inline="always")
+def _uint4_code(v, scale, zpf):
+    """rint(v / scale) + zp clipped to [0, 15], as float32 (the float32 add NumPy does)."""
+    return min(max(np.rint(v / scale) + zpf, _ZERO), _FIFTEEN)
+
+
+@njit(inline="always")
+def _e2(x, deq):
+    d = np.float64(deq) - np.float64(x)
+    return d * d
+
+
+@njit(inline="always")
+def _uint4_deq(v, scale, zpf):
+    return (_uint4_code(v, scale, zpf) - zpf) * scale
+
+
+@njit(inline="always")
+def _approx_all(xb, sk, ik, zk, acc, signed):
+    """acc[k] = `mse.approx_sse` of the block at scale sk[k] (ik[k] = 1 / sk[k], zk[k] the zero
+    point, float32): codes rint(x * ik[k]), squares and sums in float32, in order of the elements.
+
+    Candidates are the inner loop: each element is loaded once and scored against _LANES of
+    them, a float32 map with a constant trip count that LLVM vectorises whole (a sum over the
+    elements would not vectorise without reassociation, and there is no fast-math here)."""
+    for k in range(sk.shape[0]):
+        acc[k] = _ZERO
+    for p0 in range(0, sk.shape[0], _LANES):
+        s_, i_, z_, a_ = sk[p0:], ik[p0:], zk[p0:], acc[p0:]
+        if signed:
+            for j in range(xb.shape[0]):
+                v = _load(xb, j)
+                for k in range(_LANES):
+                    c = min(max(np.rint(v * i_[k]), np.float32(-8.0)), _SEVEN)
+                    d = c * s_[k] - v
+                    a_[k] += d * d
+        else:
+            for j in range(xb.shape[0]):
+                v = _load(xb, j)
+                for k in range(_LANES):
+                    c = min(max(np.rint(v * i_[k]) + z_[k], _ZERO), _FIFTEEN)
+                    d = (c - z_[k]) * s_[k] - v
+                    a_[k] += d * d
+
+
+@njit(inline="always")
+def _exact(xb, scale, zpf, signed):
+    """`mse.squared_error` of the block: the format's own codes (a true division), decoded in
+    float32, differences, squares and the sum (in order) in float64."""
+    acc = 0.0
+    for j in range(xb.shape[0]):
+        v = _load(xb, j)
+        if signed:
+            acc += _e2(v, _int4_code(v, scale) * scale)
+        else:
+            acc += _e2(v, _uint4_deq(v, scale, zpf))
+    return acc
+
+
+@njit(inline="always")
+def _choose(xb, sk, ik, zk, acc, nr, signed):
+    """Index of the chosen candidate (`mse.approx_sse` ranks them; see `mse._pick_two_stage`):
+    the first least approximate error; kept outright when it beats round to nearest's (candidate
+    0) by more than the approximation's error bound (`mse.sure_margin`), else only if its exact
+    error is strictly below round to nearest's; otherwise 0."""
+    _approx_all(xb, sk, ik, zk, acc, signed)
+    best = 0
+    for k in range(nr):
+        if not np.isfinite(ik[k]):  # 1/scale overflows (subnormal scales): not scored
+            acc[k] = np.float32(np.inf)
+        if k and acc[k] < acc[best]:
+            best = k
+    if best == 0:
+        return 0
+    ar = np.float64(acc[0])
+    margin = 1e-3 + 8.0 * xb.shape[0] * 2.0**-24
+    if np.isfinite(ar) and np.float64(acc[best]) < ar * (1.0 - margin):
+        return best
+    if _exact(xb, sk[best], zk[best], signed) < _exact(xb, sk[0], zk[0], signed):
+        return best
+    return 0
+
+
+@njit(inline="always")
+def _int4_candidates(amax, ratios, sk, ik):
+    """sk[k] = SymmetricInt(4).choose_params at clip ratio ratios[k] (from the block's float32
+    amax), ik[k] = 1 / sk[k]: the plain formula in a loop that vectorises, then the rare fixes."""
+    for k in range(sk.shape[0]):
+        sk[k] = (amax * ratios[k]) / _SEVEN
+    for k in range(sk.shape[0]):
+        a = amax * ratios[k]
+        if a == 0:
+            sk[k] = _ONE
+        elif np.float64(sk[k]) * 7.5 < np.float64(a):  # subnormal: nudge up until it covers
+            sk[k] = _cover(sk[k], np.float64(a), 7.5)
+    for k in range(sk.shape[0]):
+        ik[k] = _ONE / sk[k]
+
+
+@njit(inline="always")
+def _uint4_candidates(lo, hi, ratios, sk, ik, zk):
+    """(sk[k], zk[k]) = AffineUInt(4).choose_params at clip ratio ratios[k], from min(min, 0)
+    and max(max, 0); ik[k] = 1 / sk[k]. Same split: plain formula, then the rare fixes."""
+    for k in range(sk.shape[0]):
+        sk[k] = (hi * ratios[k] - lo * ratios[k]) / _FIFTEEN
+    for k in range(sk.shape[0]):
+        sk[k] = _uint4_fix(lo * ratios[k], hi * ratios[k], sk[k])
+    for k in range(sk.shape[0]):
+        zk[k] = min(max(-np.rint((lo * ratios[k]) / sk[k]), _ZERO), _FIFTEEN)
+        ik[k] = _ONE / sk[k]
+
+
+@njit(inline="always")
+def _uint4_fix(lo, hi, scale):
+    span = hi - lo
+    if span == 0:
+        return _ONE
+    if np.isinf(span):  # [-3e38, 3e38]: the span overflows float32, span / 15 does not
+        span64 = np.float64(hi) - np.float64(lo)
+        return _cover(np.float32(span64 / 15.0), span64, 15.5)
+    if np.float64(scale) * 15.5 < np.float64(span):
+        scale = _cover(scale, np.float64(span), 15.5)
+    if scale < _TINY:  # subnormal: cover the span in 15 steps (AffineUInt.choose_params)
+        scale = _cover(scale, np.float64(span), 15.0)
+    return scale
+
+
+@njit(inline="always")
+def _amax(xb):
+    m = np.int32(0)
+    for i in range(xb.shape[0]):
+        m = max(m, _abs_key(_load(xb, i)))
+    return _from_bits(m)
+
+
+@njit(inline="always")
+def _lo_hi(xb):
+    hk = np.int32(0)
+    lk = np.int32(0)
+    for i in range(xb.shape[0]):
+        v = _load(xb, i)
+        hk = max(hk, _bits(v))
+        lk = max(lk, _neg_key(v))
+    hi = _from_bits(hk)
+    lo = -_from_bits(lk) if lk > 0 else _ZERO
+    return lo, hi
+
+
+@njit(inline="always")
+def _pack_item(xr, pr, sr, zr, b0, b1, bs, n, signed):
+    """Codes of blocks b0..b1 of one row, two per byte (as int4/uint4's quantize kernels)."""
+    # full blocks of an even size start on a byte: whole bytes, in a loop that vectorises
+    fast_end = max(b0, min(b1, n // bs)) if bs % 2 == 0 else b0
+    for b in range(b0, fast_end):
+        s0 = b * bs
+        xb = xr[s0 : s0 + bs]
+        pb = pr[s0 // 2 : s0 // 2 + bs // 2]
+        scale = sr[b]
+        if signed:
+            for k in range(bs // 2):
+                c0 = np.int32(_int4_code(_load(xb, 2 * k), scale)) & np.int32(15)
+                c1 = np.int32(_int4_code(_load(xb, 2 * k + 1), scale)) & np.int32(15)
+                pb[k] = _pack2(c0, c1)
+        else:
+            zpf = np.float32(zr[b])
+            for k in range(bs // 2):
+                c0 = np.int32(_uint4_code(_load(xb, 2 * k), scale, zpf))
+                c1 = np.int32(_uint4_code(_load(xb, 2 * k + 1), scale, zpf))
+                pb[k] = _pack2(c0, c1)
+    low = np.int32(0)  # odd block sizes and the padded last block: nibble by nibble
+    for b in range(fast_end, b1):
+        s0 = b * bs
+        scale = sr[b]
+        zpf = _ZERO if signed else np.float32(zr[b])
+        for j in range(bs):
+            p = s0 + j
+            if p < n:
+                v = _load(xr, p)
+                if signed:
+                    c = np.int32(_int4_code(v, scale)) & np.int32(15)
+                else:
+                    c = np.int32(_uint4_code(v, scale, zpf))
+            else:  # padding: the code of 0
+                c = np.int32(0) if signed else np.int32(zpf)
+            if p % 2 == 0:
+                low = c
+            else:
+                pr[p // 2] = _pack2(low, c)
+    end = b1 * bs
+    if end % 2 == 1:  # odd total: a zero high nibble pads the row's last byte
+        pr[end // 2] = _pack2(low, np.int32(0))
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def mse_int4(x, packed, scales, ratios, nr, bs, chunk):
+    """x (rows, n) -> packed codes and the searched scales (rows, nb) float32.
+
+    ratios: the grid, padded to a multiple of _LANES (the extra lanes are scored, never chosen);
+    nr: how many of them are real."""
+    rows, n = x.shape
+    nb = scales.shape[1]
+    nchunks = (nb + chunk - 1) // chunk
+    total = rows * n
+    nk = ratios.shape[0]
+    for item in prange(rows * nchunks):
+        r = item // nchunks
+        b0 = (item - r * nchunks) * chunk
+        b1 = min(b0 + chunk, nb)
+        xr = x[r]
+        sr = scales[r]
+        sk = np.empty(nk, np.float32)
+        ik = np.empty(nk, np.float32)
+        zk = np.zeros(nk, np.float32)
+        acc = np.empty(nk, np.float32)
+        for b in range(b0, b1):
+            s0 = b * bs
+            e = min(s0 + bs, n)
+            _prefetch_ahead(x, r * n + s0, e - s0, total)
+            xb = xr[s0:e]
+            amax = _amax(xb)
+            _int4_candidates(amax, ratios, sk, ik)
+            best_s = sk[_choose(xb, sk, ik, zk, acc, nr, True)]
+            sr[b] = best_s
+        _pack_item(xr, packed[r], sr, sr, b0, b1, bs, n, True)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def mse_uint4(x, packed, scales, zero_points, ratios, nr, bs, chunk):
+    """As `mse_int4`, plus the searched zero points (rows, nb) uint8."""
+    rows, n = x.shape
+    nb = scales.shape[1]
+    nchunks = (nb + chunk - 1) // chunk
+    total = rows * n
+    nk = ratios.shape[0]
+    for item in prange(rows * nchunks):
+        r = item // nchunks
+        b0 = (item - r * nchunks) * chunk
+        b1 = min(b0 + chunk, nb)
+        xr = x[r]
+        sr = scales[r]
+        zr = zero_points[r]
+        sk = np.empty(nk, np.float32)
+        ik = np.empty(nk, np.float32)
+        zk = np.empty(nk, np.float32)
+        acc = np.empty(nk, np.float32)
+        for b in range(b0, b1):
+            s0 = b * bs
+            e = min(s0 + bs, n)
+            _prefetch_ahead(x, r * n + s0, e - s0, total)
+            xb = xr[s0:e]
+            lo, hi = _lo_hi(xb)
+            _uint4_candidates(lo, hi, ratios, sk, ik, zk)
+            kb = _choose(xb, sk, ik, zk, acc, nr, False)
+            best_s, best_z = sk[kb], zk[kb]
+            sr[b] = best_s
+            zr[b] = np.uint8(best_z)
+        _pack_item(xr, packed[r], sr, zr, b0, b1, bs, n, False)
+
+
+def mse_rows(fmt_name, x2d, block_size, ratios, num_threads, kernels):
+    """Run the search kernel for `fmt_name` on (rows, n) `x2d`; a `kernels.QuantizedRows`."""
+    x = np.asarray(x2d)
+    if x.ndim != 2:
+        raise ValueError(f"x2d must be 2-D (rows, n), got shape {x.shape}")
+    if x.dtype not in kernels.QUANTIZE_DTYPES:
+        raise TypeError(f"no kernel for {x.dtype} input; supported: float32, float16, bfloat16")
+    rows, n = x.shape
+    if n == 0:
+        raise ValueError("x2d has rows of length 0; there is nothing to quantize")
+    bs = kernels._check_block(block_size, n)
+    nb = -(-n // bs)
+    packed = np.empty((rows, -(-nb * bs // 2)), np.uint8)
+    scales = np.empty((rows, nb), np.float32)
+    zp = np.empty((rows, nb), np.uint8) if fmt_name == "uint4" else None
+    if rows == 0:
+        return kernels.QuantizedRows(packed, scales, zp)
+    xv = np.ascontiguousarray(x).view(kernels._VIEWS[x.dtype])
+    chunk = kernels._chunk(rows, nb, bs)
+    ratios = np.asarray(ratios, np.float32).ravel()
+    nr = ratios.shape[0]
+    if nr == 0:
+        raise ValueError("ratios is empty; the grid needs at least ratio 1 (round to nearest)")
+    nk = -(-nr // _LANES) * _LANES  # whole passes; the extra lanes repeat the last ratio
+    padded = np.concatenate([ratios, np.repeat(ratios[-1:], nk - nr)])
+    with kernels._launch(num_threads):
+        if fmt_name == "int4":
+            mse_int4(xv, packed, scales, padded, nr, bs, chunk)
+        else:
+            mse_uint4(xv, packed, scales, zp, padded, nr, bs, chunk)
+    return kernels.QuantizedRows(packed, scales, zp)

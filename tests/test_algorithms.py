@@ -1,0 +1,241 @@
+"""Data-free methods "mse" and "hqq": never worse than round to nearest on their objective.
+
+The objective of both is a block's squared error as `mse.squared_error` computes it (decoded in
+the compute dtype, squares and sum in float64, padding not scored). Property tests run every
+registered format on random, heavy-tailed, odd-length, all-zero and constant data; the mse
+kernel is held to its NumPy twin bit for bit and to thread-count independence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from quantize import quantize_tensor
+from quantize.algorithms import available_methods, get_method
+from quantize.algorithms.hqq import HalfQuadratic, shrink_lp
+from quantize.algorithms.mse import MSESearch, block_sse, ratio_grid, squared_error
+from quantize.blocking import n_blocks, to_blocks
+from quantize.formats import available_formats, get_format
+
+# nf4_dq double-quantizes the scales a method picks afterwards (core._DoubleQuantScales), so
+# the per-block guarantee is about its first-level scales; it has its own, whole-tensor test
+FORMATS = [f for f in available_formats() if not getattr(get_format(f), "double_quant", False)]
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _data(kind: str, seed: int, rows: int, n: int, dtype=np.float32) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if kind == "normal":
+        x = rng.standard_normal((rows, n))
+    elif kind == "student-t":  # heavy tails, rows over several binades
+        x = rng.standard_t(2.5, (rows, n)) * np.exp2(rng.integers(-6, 6, (rows, 1)))
+    elif kind == "zeros":
+        x = np.zeros((rows, n))
+    elif kind == "constant":
+        x = np.full((rows, n), rng.choice([-3.5, 0.1, 2.0**-130, 7.0]))
+    elif kind == "sparse":  # mostly zero blocks with a few outliers
+        x = rng.standard_normal((rows, n)) * (rng.random((rows, n)) < 0.1) * 100
+    else:  # "tiny": subnormal float32 range
+        x = rng.standard_normal((rows, n)) * 2.0**-135
+    return x.astype(dtype)
+
+
+def per_block_sse(fmt_name: str, x: np.ndarray, qt) -> np.ndarray:
+    """The objective of each block of x (rows, n) under qt's parameters."""
+    fmt = get_format(fmt_name)
+    bs, n = qt.block_size, x.shape[-1]
+    dt = np.float64 if x.dtype == np.float64 else np.float32
+    blocks = to_blocks(x.astype(dt), bs, -1)
+    pad = n_blocks(n, bs) * bs - n
+    return squared_error(
+        fmt, blocks, qt.scales, qt.zero_points, qt.tensor_scale, bs - pad if pad else None
+    )
+
+
+KINDS = ["normal", "student-t", "zeros", "constant", "sparse", "tiny"]
+
+
+# --------------------------------------------------------------------------- registry, options
+
+
+def test_registered():
+    assert {"rtn", "mse", "hqq"} <= set(available_methods())
+    assert get_method("MSE").name == "mse"
+    assert isinstance(get_method("hqq"), HalfQuadratic)
+
+
+@pytest.mark.parametrize(
+    "make, exc, word",
+    [
+        (lambda: MSESearch(steps=0), ValueError, "steps"),
+        (lambda: MSESearch(steps=2.5), TypeError, "steps"),
+        (lambda: MSESearch(lowest=0), ValueError, "lowest"),
+        (lambda: MSESearch(lowest="0.5"), TypeError, "lowest"),
+        (lambda: HalfQuadratic(iterations=-1), ValueError, "iterations"),
+        (lambda: HalfQuadratic(iterations=True), TypeError, "iterations"),
+        (lambda: HalfQuadratic(p=1.5), ValueError, "p"),
+        (lambda: HalfQuadratic(beta=0), ValueError, "beta"),
+        (lambda: HalfQuadratic(kappa=0.5), ValueError, "kappa"),
+        (lambda: HalfQuadratic(update_scale=1), TypeError, "update_scale"),
+        (lambda: get_method("mse2"), ValueError, "mse2"),
+        (lambda: MSESearch().quantize_rows("nf4", np.ones((2, 4), np.float32), 4), ValueError,
+         "nf4"),
+    ],
+)  # fmt: skip
+def test_bad_options_are_named(make, exc, word):
+    with pytest.raises(exc, match=word):
+        make()
+
+
+def test_grid():
+    g = ratio_grid(0.8, 5, 0.5)
+    assert g[0] == 0.8 and np.isclose(g[-1], 0.4) and g == sorted(g, reverse=True)
+    assert ratio_grid(1.0, 1) == [1.0]
+
+
+def test_block_sse_is_sequential():
+    e = np.array([[1e16, 1.0, -1e16, 1.0]])
+    assert block_sse(e)[0] == ((1e16 + 1.0) + -1e16) + 1.0
+
+
+def test_shrink_lp():
+    x = np.array([-2.0, -0.1, 0.0, 0.05, 0.3, 5.0])
+    y = shrink_lp(x, 10.0, 0.7)
+    assert np.all(np.abs(y) <= np.abs(x)) and np.all(y * x >= 0)
+    assert y[2] == 0 and y[1] == 0 and y[3] == 0  # below beta^(-1/(2-p)) ~ 0.17: zeroed
+    assert y[-1] > 4.9
+
+
+# --------------------------------------------------------------------------- never worse than rtn
+
+
+@pytest.mark.parametrize("method", ["mse", "hqq"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@SETTINGS
+@given(
+    kind=st.sampled_from(KINDS),
+    seed=st.integers(0, 2**32 - 1),
+    rows=st.integers(1, 3),
+    n=st.integers(1, 70),
+    bs=st.sampled_from([1, 3, 8, 16, 32]),
+    clip=st.sampled_from([1.0, 1.0, 0.9]),
+)
+def test_never_worse_than_rtn(method, fmt, kind, seed, rows, n, bs, clip):
+    x = _data(kind, seed, rows, n)
+    if fmt == "nvfp4" and kind == "tiny":
+        x = x * np.float32(2.0**100)  # nvfp4's tensor scale needs a float32-normal amax / 2688
+    rtn = quantize_tensor(x, fmt, bs, clip_ratio=clip)
+    got = quantize_tensor(x, fmt, bs, clip_ratio=clip, method=method)
+    e_rtn, e_got = per_block_sse(fmt, x, rtn), per_block_sse(fmt, x, got)
+    assert np.all(e_got <= e_rtn), (e_got - e_rtn).max()
+    # and the stored tensor says the same, to dequantization's rounding
+    d_rtn = ((rtn.dequantize(np.float64) - x) ** 2).sum()
+    d_got = ((got.dequantize(np.float64) - x) ** 2).sum()
+    assert d_got <= d_rtn * (1 + 1e-5) + 1e-300
+    if kind == "zeros":
+        assert d_got == 0
+
+
+@pytest.mark.parametrize("method", ["mse", "hqq"])
+@pytest.mark.parametrize("fmt", ["int4", "uint4", "nf4", "int4_affine", "mxfp4", "nvfp4"])
+def test_float64_and_other_axes(method, fmt):
+    x = _data("student-t", 7, 6, 50, np.float64).reshape(6, 5, 10)
+    for axis in (0, 1, -1):
+        rtn = quantize_tensor(x, fmt, 4, axis=axis)
+        got = quantize_tensor(x, fmt, 4, axis=axis, method=method)
+        assert got.scales.dtype == rtn.scales.dtype and got.scales.shape == rtn.scales.shape
+        e_rtn = ((rtn.dequantize(np.float64) - x) ** 2).sum()
+        e_got = ((got.dequantize(np.float64) - x) ** 2).sum()
+        assert e_got <= e_rtn * (1 + 1e-9)
+
+
+# --------------------------------------------------------------------------- measurable gains
+
+
+def _sqnr(x, qt) -> float:
+    x64 = x.astype(np.float64)
+    return float(10 * np.log10((x64**2).sum() / ((qt.dequantize(np.float64) - x64) ** 2).sum()))
+
+
+@pytest.mark.parametrize("fmt, method, gain", [
+    ("int4", "mse", 0.5), ("uint4", "mse", 0.1), ("nf4", "mse", 0.2), ("fp4_e2m1", "mse", 0.2),
+    ("nvfp4", "mse", 0.2), ("uint4_float_zp", "hqq", 0.2), ("int4_affine", "hqq", 0.2),
+    ("nf4_dq", "mse", 0.2),
+])  # fmt: skip
+def test_heavy_tails_gain(fmt, method, gain):
+    x = np.random.default_rng(3).standard_t(4, (256, 512)).astype(np.float32)
+    bs = 16 if fmt == "nvfp4" else 32
+    base = _sqnr(x, quantize_tensor(x, fmt, bs))
+    assert _sqnr(x, quantize_tensor(x, fmt, bs, method=method)) >= base + gain
+
+
+# --------------------------------------------------------------------------- the kernel
+
+
+def _same(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    same_bytes = np.array_equal(a.view(np.uint8), b.view(np.uint8))
+    return a.dtype == b.dtype and a.shape == b.shape and same_bytes
+
+
+@pytest.mark.parametrize("fmt", ["int4", "uint4"])
+@settings(max_examples=60, deadline=None)
+@given(
+    kind=st.sampled_from([*KINDS, "huge"]),
+    seed=st.integers(0, 2**32 - 1),
+    rows=st.integers(1, 5),
+    n=st.integers(1, 90),
+    bs=st.sampled_from([1, 2, 5, 8, 16, 32, 33, 64, None]),
+    clip=st.sampled_from([1.0, 0.7, 1e-3]),
+)
+def test_kernel_equals_numpy(fmt, kind, seed, rows, n, bs, clip):
+    pytest.importorskip("numba")
+    if kind == "huge":
+        x = (_data("normal", seed, rows, n).astype(np.float64) * 1e38).clip(-3.4e38, 3.4e38)
+        x = x.astype(np.float32)
+    else:
+        x = _data(kind, seed, rows, n)
+    m = get_method("mse")
+    got = m.quantize_rows(fmt, x, bs, clip)
+    want = quantize_tensor(x, fmt, bs, clip_ratio=clip, method="mse")  # small: the NumPy path
+    assert _same(got[0], want.data) and _same(got[1], want.scales)
+    assert _same(got[2], want.zero_points)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "uint4"])
+def test_kernel_dispatch_threads_and_half_input(fmt, monkeypatch):
+    pytest.importorskip("numba")
+    from quantize import kernels
+
+    x = _data("student-t", 11, 300, 1000)  # 300k elements: above the kernels' threshold
+    assert kernels.wanted(get_format(fmt), np.float32, x.size)
+    on = quantize_tensor(x, fmt, 32, method="mse")
+    monkeypatch.setenv("QUANTIZE_KERNELS", "0")
+    off = quantize_tensor(x, fmt, 32, method="mse")
+    monkeypatch.delenv("QUANTIZE_KERNELS")
+    assert _same(on.data, off.data) and _same(on.scales, off.scales)
+    assert _same(on.zero_points, off.zero_points)
+    m = get_method("mse")
+    one = m.quantize_rows(fmt, x, 32, num_threads=1)
+    two = m.quantize_rows(fmt, x, 32, num_threads=2)
+    assert all(_same(a, b) for a, b in zip(one, two, strict=True))
+    h = x[:4].astype(np.float16)
+    got, want = m.quantize_rows(fmt, h, 32), m.quantize_rows(fmt, h.astype(np.float32), 32)
+    assert all(_same(a, b) for a, b in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("fmt", ["uint4", "uint8", "int4_ort"])
+def test_hqq_integer_zero_points_stay_valid(fmt):
+    x = _data("student-t", 5, 64, 256)
+    f = get_format(fmt)
+    qt = quantize_tensor(x, fmt, 32, method="hqq")
+    rtn = quantize_tensor(x, fmt, 32)
+    assert qt.zero_points.dtype == np.uint8
+    assert f.code_min <= qt.zero_points.min() and qt.zero_points.max() <= f.code_max
+    if fmt == "int4_ort":  # the zero point only carries the sign of the block's extreme
+        assert np.array_equal(qt.zero_points, rtn.zero_points)
+    assert np.all(qt.scales > 0) and np.all(np.isfinite(qt.scales))
