@@ -3,16 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from pathlib import Path
 
 from ._args import positive_int
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
 
 EPILOG = """\
 examples:
   quantize onnx model.onnx -o model.int4.onnx
   quantize onnx model.onnx -o model.q4.onnx --format uint4 --block-size 128 --check
   quantize onnx model.onnx -o model.qdq.onnx --output-type qdq --exclude 'lm_head*' --gather
+  quantize onnx model.onnx -o model.gptq.onnx --method gptq --calib inputs.npz --check
+  quantize onnx model.onnx -o model.mixed.onnx --format uint4 --block-size 128 --target-bits 4.5
+
+Methods: rtn rounds to nearest; mse and hqq search each block's scale (and zero point)
+without data; awq and gptq run the float model in onnxruntime on calibration inputs
+(--calib: an .npz of arrays keyed by input name, first axis = samples; without it,
+random inputs from the model's input types). awq scales each weight's input channels
+and puts a Mul by 1/s in front of the MatMul; gptq rounds with error feedback.
+--target-bits mixes 4 bits at the block size, 4 bits at block 32 (16) and 8 bits per
+weight to keep the error lowest within that many bits per weight (scales included).
 
 MatMulNBits output runs in onnxruntime (com.microsoft domain); QDQ output
 (DequantizeLinear, opset 21) is standard ONNX: models below opset 21 are upgraded.
@@ -79,7 +102,37 @@ def add_parser(sub) -> None:
         action="store_true",
         help="also quantize Gather embeddings (DequantizeLinear + Gather, opset 21)",
     )
+    p.add_argument(
+        "--method",
+        choices=["rtn", "mse", "hqq", "awq", "gptq", "awq+gptq"],
+        default="rtn",
+        help="how codes are chosen: rtn, mse, hqq (data-free); awq, gptq (calibrated) "
+        "(default: rtn)",
+    )
+    p.add_argument(
+        "--calib",
+        metavar="FILE.npz",
+        help="calibration inputs keyed by input name, first axis = samples (awq, gptq, "
+        "--target-bits; with it the table shows each layer's output error)",
+    )
+    p.add_argument(
+        "--target-bits",
+        type=positive_float,
+        metavar="B",
+        help="mixed precision: at most B bits per weight on average (e.g. 4.5)",
+    )
+    p.add_argument(
+        "--calib-memory",
+        type=positive_float,
+        default=2048.0,
+        metavar="MIB",
+        help="calibration state held at once (Hessians, AWQ rows), MiB; above it the weights "
+        "are calibrated in groups, one pass over the inputs each (default: 2048)",
+    )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument(
+        "--no-report", action="store_true", help="do not write OUT.report.json / OUT.report.md"
+    )
     p.add_argument(
         "--check",
         action="store_true",
@@ -106,6 +159,14 @@ def run(args, out=None) -> int:
         raise ValueError("--accuracy-level applies to --output-type matmulnbits only")
     if args.inputs and not os.path.isfile(args.inputs):
         raise ValueError(f"{args.inputs}: no such file (--inputs)")
+    if args.calib and not os.path.isfile(args.calib):
+        raise ValueError(f"{args.calib}: no such file (--calib)")
+    if args.method in ("awq", "gptq") and not args.calib:
+        print(
+            f"quantize onnx: --method {args.method} without --calib: calibrating on random "
+            "inputs built from the model's input types",
+            file=sys.stderr,
+        )
     result = quantize_onnx_file(
         args.model,
         args.output,
@@ -117,6 +178,10 @@ def run(args, out=None) -> int:
         exclude_op_types=args.exclude_op_type,
         accuracy_level=args.accuracy_level,
         quantize_gather=args.gather,
+        method=args.method,
+        calib=args.calib,
+        target_bits=args.target_bits,
+        calib_memory=int(args.calib_memory * 2**20),
         overwrite=args.force,
     )
     rows = [
@@ -126,27 +191,38 @@ def run(args, out=None) -> int:
             "shape": "x".join(map(str, r["shape"])),
             "sqnr": r["sqnr_db"],
             "bits": r["bits_per_weight"],
+            "choice": r.get("choice", ""),
+            "err_rtn": r.get("output_error_rtn", float("nan")),
+            "err": r.get("output_error", float("nan")),
         }
         for r in result["rows"]
     ]
+    columns = [
+        ("tensor", "tensor", ""),
+        ("op", "op", ""),
+        ("shape", "shape", ""),
+        ("SQNR dB", "sqnr", ".2f"),
+        ("bits/weight", "bits", ".3f"),
+    ]
+    if args.target_bits is not None:
+        columns.insert(3, ("chosen", "choice", ""))
+    if any("output_error" in r for r in result["rows"]):
+        # relative output error tr(D^T H D)/tr(W^T H W) on the calibration activations
+        columns += [("out err rtn", "err_rtn", ".3e"), (f"out err {args.method}", "err", ".3e")]
+    mixed = f", mixed to <= {args.target_bits:g} bits/weight" if args.target_bits else ""
+    calib = ""
+    if args.method in ("awq", "gptq", "awq+gptq") or args.target_bits is not None:
+        calib = f", calibrated on {args.calib or 'random inputs'}"
     print(
         f"{args.model}: {len(rows)} tensors quantized to {args.format} "
-        f"(block {args.block_size}, {args.output_type})\n",
+        f"(block {args.block_size}, {args.output_type}, method {args.method}{mixed}{calib})\n",
         file=out,
     )
-    print(
-        table(
-            rows,
-            [
-                ("tensor", "tensor", ""),
-                ("op", "op", ""),
-                ("shape", "shape", ""),
-                ("SQNR dB", "sqnr", ".2f"),
-                ("bits/weight", "bits", ".3f"),
-            ],
-        ),
-        file=out,
-    )
+    print(table(rows, columns), file=out)
+    if rows and args.target_bits is not None:
+        n = sum(math.prod(r["shape"]) for r in result["rows"])
+        bits = sum(r["bits_per_weight"] * math.prod(r["shape"]) for r in result["rows"])
+        print(f"average: {bits / max(n, 1):.3f} bits per weight", file=out)
     for note in result["notes"]:
         print(f"note: {note}", file=out)
     skipped = result["skipped"]
@@ -162,6 +238,9 @@ def run(args, out=None) -> int:
         f"wrote {', '.join(str(p) for p in result['output_files'])}",
         file=out,
     )
+    if not args.no_report:
+        json_path, md_path = _write_report(args, result)
+        print(f"report: {json_path}, {md_path}", file=out)
     if args.check or args.inputs:
         checks = check_models(args.model, args.output, inputs=args.inputs)
         what = args.inputs or "4 random input sets"
@@ -185,3 +264,41 @@ def run(args, out=None) -> int:
             file=out,
         )
     return 0
+
+
+def report_base(output: str | os.PathLike) -> Path:
+    """Where the reports of OUT go: OUT.onnx -> OUT.report(.json/.md), beside it."""
+    p = Path(output)
+    name = p.name[: -len(".onnx")] if p.name.endswith(".onnx") else p.name
+    return p.with_name(name + ".report")
+
+
+def _write_report(args, result: dict) -> tuple[Path, Path]:
+    """OUT.report.json / .md: the settings, every quantized tensor, what stayed float and why."""
+    from ..report import write_reports
+
+    settings = {
+        "input": str(args.model),
+        "output": str(args.output),
+        "format": args.format,
+        "block_size": args.block_size,
+        "output_type": args.output_type,
+        "method": args.method,
+        "calib": args.calib,
+        "target_bits": args.target_bits,
+        "calib_memory_mib": args.calib_memory,
+        "include": args.include,
+        "exclude": args.exclude,
+        "exclude_op_types": args.exclude_op_type,
+        "gather": args.gather,
+        "accuracy_level": args.accuracy_level,
+        "input_bytes": result["input_bytes"],
+        "output_bytes": result["output_bytes"],
+        "notes": result["notes"],
+    }
+    rows = [dict(r, quantized=True) for r in result["rows"]]
+    rows += [
+        {"name": s["name"], "quantized": False, "op_type": s["op_type"], "note": s["reason"]}
+        for s in result["skipped"]
+    ]
+    return write_reports(rows, report_base(args.output), settings)

@@ -52,6 +52,15 @@ from ..tensor import QuantizedTensor
 from .atomic import atomic_path, check_output
 
 FORMATS = ("int4", "uint4")
+METHODS = ("rtn", "mse", "hqq", "awq", "gptq", "awq+gptq")
+#: methods that need activations from calibration runs
+CALIBRATED_METHODS = ("awq", "gptq", "awq+gptq")
+#: rows of each activation kept for AWQ's search
+AWQ_SAMPLES = 4096
+#: default bound on the calibration state held at once (Hessians + AWQ rows), bytes
+CALIB_MEMORY = 2 << 30
+#: the 8-bit option of mixed precision, per 4-bit format (MatMulNBits bits=8 / INT8 QDQ)
+EIGHT_BIT = {"int4": "int8", "uint4": "uint8"}
 OUTPUTS = ("matmulnbits", "qdq")
 QUANTIZABLE_OPS = ("MatMul", "Gemm", "Gather")
 #: blocked DequantizeLinear with INT4/UINT4 needs opset 21, and INT4 needs IR version 10
@@ -339,6 +348,10 @@ def quantize_onnx_model(
     exclude_op_types: Iterable[str] = (),
     accuracy_level: int | None = None,
     quantize_gather: bool = False,
+    method: str = "rtn",
+    calib: Any = None,
+    target_bits: float | None = None,
+    calib_memory: int | None = CALIB_MEMORY,
     details: dict | None = None,
 ) -> tuple[onnx.ModelProto, list[dict]]:
     """A copy of `model` with its MatMul/Gemm weights (and Gather tables) in 4 bits.
@@ -350,8 +363,29 @@ def quantize_onnx_model(
     attribute (0-4; unset by default). quantize_gather: also quantize Gather embeddings.
     details: if a dict, gets "skipped" (what was not quantized and why) and "notes".
 
+    method: how each weight's codes are chosen: "rtn" (round to nearest), "mse" / "hqq"
+    (data-free parameter searches), or the calibrated "awq" (per-input-channel scales,
+    searched on captured activations: the weight is multiplied by s and a Mul node by 1/s is
+    put in front of its MatMul/Gemm, so the float model computes the same) and "gptq"
+    (error-compensating rounding with the Hessian X^T X of the captured activations).
+    calib: calibration inputs for the float model (see `calibration.calibration_feeds`): an
+    .npz path or dict of arrays keyed by input name, first axis = samples, or a list of feed
+    dicts; None: awq/gptq run on random inputs built from the model's input types (a note
+    says so). With calib data every row also gets "output_error" (tr(D^T H D) / tr(W^T H W)
+    on the calibration activations) and "output_error_rtn" (the same for round to nearest).
+    target_bits: mixed precision: each weight gets one of the format at `block_size`, at a
+    smaller block (32, or 16 if block_size <= 32) or 8 bits at `block_size`, chosen to keep
+    the summed (output, or without calib weight) error smallest with the average bits per
+    weight (scales included) at most `target_bits`; rows get "choice".
+    calib_memory: bound, in bytes, on the calibration state held at once: a float64 K x K
+    Hessian per activation (8 K^2 bytes: 0.9 GiB at K = 11008) plus, for AWQ, 4096 float32
+    rows of it (16 K bytes). Above it, weights are calibrated in groups, one pass over the
+    calibration inputs per group (a group of weights sharing one input is never split, so
+    the peak is max(budget, the largest such group) plus one run's activations). None: one
+    pass, everything at once. Default 2 GiB.
+
     Returns the new model and one `tensor_report` row per quantized tensor (with "op_types",
-    "consumers" and "kept_float"). ValueError if nothing can be quantized.
+    "consumers", "kept_float" and "method"). ValueError if nothing can be quantized.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -365,12 +399,23 @@ def quantize_onnx_model(
         exclude_op_types=exclude_op_types,
         accuracy_level=accuracy_level,
         quantize_gather=quantize_gather,
+        method=method,
+        calib=calib,
+        target_bits=target_bits,
+        calib_memory=calib_memory,
         details=details,
     )
     return out, rows
 
 
-def _check_args(format, block_size, output, accuracy_level) -> None:
+def _check_args(format, block_size, output, accuracy_level, method="rtn", target_bits=None):
+    if not isinstance(method, str) or method.lower() not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if target_bits is not None:
+        if isinstance(target_bits, bool) or not isinstance(target_bits, (int, float, np.number)):
+            raise TypeError(f"target_bits must be a number, got {target_bits!r}")
+        if not (np.isfinite(target_bits) and target_bits > 0):
+            raise ValueError(f"target_bits must be a number > 0, got {target_bits!r}")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if output not in OUTPUTS:
@@ -390,6 +435,425 @@ def _check_args(format, block_size, output, accuracy_level) -> None:
             raise ValueError(f"accuracy_level must be 0..4, got {accuracy_level!r}")
 
 
+# --------------------------------------------------------------------------------------------
+# choosing the codes: methods, calibration, mixed precision
+
+
+def _transposed(qt: QuantizedTensor) -> QuantizedTensor:
+    """A 2-D (K, N) tensor quantized along axis 0, seen as its (N, K) transpose along axis 1.
+
+    The stored layout (rows = N, blocks along K) is the same for both; only the recorded
+    shape and axis change.
+    """
+    return dataclasses.replace(qt, shape=tuple(qt.shape[::-1]), axis=1 - qt.axis)
+
+
+def _rel_error(w: np.ndarray, d: np.ndarray, h: np.ndarray | None) -> float:
+    """tr(D^T H D) / tr(W^T H W) for (K, N) weight W and error D; H = I without data."""
+    w64, d64 = w.astype(np.float64), d.astype(np.float64)
+    if h is None:
+        num, den = float(np.sum(d64 * d64)), float(np.sum(w64 * w64))
+    else:
+        num, den = float(np.sum((h @ d64) * d64)), float(np.sum((h @ w64) * w64))
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def _row(name: str, w: np.ndarray, qt: QuantizedTensor, recon: np.ndarray | None) -> dict:
+    """A `tensor_report` row; `recon` (the weight's own layout) when it is not qt's dequant."""
+    if recon is None:
+        return tensor_report(name, w, qt)
+    from ..report import error_stats
+
+    row: dict[str, object] = {
+        "name": name,
+        "format": qt.format,
+        "block_size": qt.block_size,
+        "shape": list(w.shape),
+        "bits_per_weight": qt.bits_per_weight,
+    }
+    row.update(error_stats(w, recon))
+    return row
+
+
+@dataclasses.dataclass
+class _Choice:
+    """One way to quantize a weight: the tensor as stored, and AWQ's 1/s if any."""
+
+    qt: QuantizedTensor  # in the weight's own layout
+    inv_scale: np.ndarray | None
+    picked: str = ""  # the method that made it (awq+gptq keeps the best of three)
+
+    def recon_kn(self) -> np.ndarray:
+        """What the runtime multiplies with, as a (K, N) float32 array (made when asked)."""
+        qt = self.qt if self.qt.axis == 0 else _transposed(self.qt)
+        recon = qt.dequantize(np.float32)
+        return recon if self.inv_scale is None else recon * self.inv_scale[:, None]
+
+
+def _activation_sources(sites: list[_Site]) -> dict[tuple[str, int], list[tuple[str, bool]]]:
+    """(weight, axis) -> the activations (name, transposed) its MatMul/Gemm readers multiply."""
+    acts: dict[tuple[str, int], list[tuple[str, bool]]] = {}
+    for s in sites:
+        if s.node.op_type in ("MatMul", "Gemm"):
+            t = bool(s.node.op_type == "Gemm" and _attr(s.node, "transA", 0))
+            entry = (s.node.input[0], t)
+            acts.setdefault((s.weight, s.axis), [])
+            if entry not in acts[(s.weight, s.axis)]:
+                acts[(s.weight, s.axis)].append(entry)
+    return acts
+
+
+def _capture_groups(
+    keys: list[tuple[str, int]],
+    acts: dict[tuple[str, int], list[tuple[str, bool]]],
+    cost: dict[str, int],
+    budget: int | None,
+) -> list[list[tuple[str, int]]]:
+    """Keys cut into groups whose activations' captured state fits `budget` bytes together.
+
+    Weights that read a common activation stay in one group (it is captured once for them);
+    such a cluster above the budget is a group of its own. budget None: one group.
+    """
+    if budget is None:
+        return [list(keys)] if keys else []
+    clusters: list[list[tuple[str, int]]] = []
+    where: dict[str, int] = {}
+    for key in keys:  # union of keys sharing an activation, in first-seen order
+        hits = sorted({where[n] for n, _ in acts.get(key, []) if n in where})
+        if not hits:
+            clusters.append([key])
+            idx = len(clusters) - 1
+        else:
+            idx = hits[0]
+            clusters[idx].append(key)
+            for j in hits[1:]:
+                clusters[idx].extend(clusters[j])
+                clusters[j] = []
+                for n, c in where.items():
+                    if c == j:
+                        where[n] = idx
+        for n, _ in acts.get(key, []):
+            where[n] = idx
+    groups: list[list[tuple[str, int]]] = []
+    used = 0
+    for cl in clusters:
+        if not cl:
+            continue
+        names = {n for key in cl for n, _ in acts.get(key, [])}
+        size = sum(cost.get(n, 0) for n in names)
+        if groups and used + size <= budget:
+            groups[-1].extend(cl)
+            used += size
+        else:
+            groups.append(list(cl))
+            used = size
+    return groups
+
+
+def _quantize_weights(
+    model: onnx.ModelProto,
+    sites: list[_Site],
+    weights: dict[str, _Weight],
+    *,
+    format: str,
+    block_size: int,
+    output: str,
+    method: str,
+    calib: Any,
+    target_bits: float | None,
+    skipped: list[dict],
+    notes: list[str],
+    calib_memory: int | None = None,
+) -> tuple[dict, dict, dict]:
+    """(quantized tensors, report rows, AWQ 1/s), each keyed by (weight, axis).
+
+    Calibration state (a float64 K x K Hessian and up to AWQ_SAMPLES float32 rows of K per
+    activation) is captured for groups of weights whose state fits `calib_memory` bytes, one
+    pass over the calibration inputs per group; each group's weights are quantized, and its
+    state dropped, before the next group is captured.
+    """
+    from ..algorithms import get_method
+
+    if method not in CALIBRATED_METHODS:
+        get_method(method)  # unknown (not registered) data-free methods fail early
+    acts = _activation_sources(sites)
+    want_h = method in ("gptq", "awq+gptq") or target_bits is not None or calib is not None
+    want_x = method in ("awq", "awq+gptq")
+    n_samples = AWQ_SAMPLES if want_x else 0
+    calibrated = (calib is not None or method in CALIBRATED_METHODS) and bool(acts)
+    calibrated = calibrated and (want_h or want_x)
+    names: list[str] = []
+    flips: set[str] = set()
+    feeds: list = []
+    if calibrated:
+        from .calibration import calibration_feeds
+
+        names = list(dict.fromkeys(n for entries in acts.values() for n, _ in entries))
+        flips = {n for entries in acts.values() for n, t in entries if t}
+        both = flips & {n for entries in acts.values() for n, t in entries if not t}
+        if both:  # read straight and transposed: not worth the bookkeeping, use neither
+            names = [n for n in names if n not in both]
+            flips -= both
+            notes.append(f"no calibration for weights reading {sorted(both)} transposed too")
+        feeds = calibration_feeds(model, calib)
+        if calib is None:
+            notes.append(
+                f"{method}: no calibration data given; calibrated on {len(feeds)} random input "
+                "sets built from the model's input types (pass calib for real activations)"
+            )
+
+    eight = EIGHT_BIT[format]
+    small = 32 if block_size > 32 else 16
+    if target_bits is not None:
+        options = [(format, block_size), (format, small), (eight, block_size)]
+        if output == "matmulnbits" and small == block_size:
+            options = [options[0], options[2]]
+    else:
+        options = [(format, block_size)]
+
+    keys = list(dict.fromkeys((s.weight, s.axis) for s in sites))
+    node_of = {}
+    for s in sites:
+        node_of.setdefault((s.weight, s.axis), s.node)
+    # what one activation's captured state costs: K from the weight that reads it
+    cost: dict[str, int] = {}
+    for key in keys:
+        k = int(weights[key[0]].tensor.dims[key[1]])
+        for n, _ in acts.get(key, []):
+            cost[n] = max(cost.get(n, 0), (8 * k * k if want_h else 0) + 4 * k * n_samples)
+    groups = _capture_groups(keys, acts, cost, calib_memory if calibrated else None)
+    if calibrated and len(groups) > 1:
+        notes.append(
+            f"calibration state above the memory budget ({calib_memory / 2**20:.0f} MiB): "
+            f"captured in {len(groups)} passes over the calibration inputs"
+        )
+
+    quantized: dict[tuple[str, int], QuantizedTensor] = {}
+    rows: dict[tuple[str, int], dict] = {}
+    awq_scales: dict[tuple[str, int], np.ndarray] = {}
+    plans: dict[tuple[str, int], dict] = {}
+    for group in groups:
+        captured: dict[str, Any] = {}
+        if calibrated:
+            from .calibration import capture_activations
+
+            wanted = set()
+            for key in group:
+                wanted.update(n for n, _ in acts.get(key, []))
+            group_names = [n for n in names if n in wanted]
+            if group_names:
+                captured = capture_activations(
+                    model,
+                    group_names,
+                    feeds,
+                    transposed=flips & set(group_names),
+                    hessian=want_h,
+                    max_samples=n_samples,
+                )
+        for key in group:
+            plan = _plan_weight(
+                key,
+                node_of[key],
+                weights,
+                acts,
+                captured,
+                options,
+                method=method,
+                want_h=want_h,
+                want_x=want_x,
+                target_bits=target_bits,
+                skipped=skipped,
+                notes=notes,
+            )
+            if plan is not None:
+                plans[key] = plan
+        del captured
+
+    if not plans:
+        return {}, {}, {}
+
+    if target_bits is not None:
+        from ..algorithms.mixed import LayerChoice, plan_mixed
+
+        layers = []
+        for i, plan in enumerate(plans.values()):
+            opts = [
+                (label, c.qt.bits_per_weight, plan["errors"][label])
+                for label, c in plan["choices"].items()
+            ]
+            layers.append(LayerChoice(str(i), int(plan["n"]), opts))
+        picked = plan_mixed(layers, float(target_bits))
+        chosen = {key: picked[str(i)] for i, key in enumerate(plans)}
+    else:
+        chosen = {key: next(iter(plan["choices"])) for key, plan in plans.items()}
+
+    for key, plan in plans.items():
+        label = chosen[key]
+        c = plan["choices"][label]
+        plan["choices"] = None  # the options not taken can go
+        w = _weight_array(weights[key[0]])
+        quantized[key] = c.qt
+        if c.inv_scale is not None:
+            awq_scales[key] = c.inv_scale
+        recon = None
+        if c.inv_scale is not None:
+            recon_kn = c.recon_kn()
+            recon = recon_kn if key[1] == 0 else recon_kn.T
+        row = _row(key[0], w, c.qt, recon)
+        row["method"] = plan["method"]
+        if plan["method"] == "awq+gptq":
+            row["picked"] = c.picked
+        if target_bits is not None:
+            row["choice"] = label
+        if label in plan["output_error"]:
+            row["output_error"], row["output_error_rtn"] = plan["output_error"][label]
+        rows[key] = row
+    return quantized, rows, awq_scales
+
+
+def _plan_weight(
+    key,
+    node,
+    weights,
+    acts,
+    captured,
+    options,
+    *,
+    method,
+    want_h,
+    want_x,
+    target_bits,
+    skipped,
+    notes,
+) -> dict | None:
+    """Quantize one weight every way in `options`, with its output errors while H is at hand."""
+    name, axis = key
+    w = _weight_array(weights[name])
+    k = w.shape[axis]
+    h = x = None
+    sources = [captured[n] for n, _ in acts.get(key, []) if n in captured]
+    if sources and len(sources) == len(acts.get(key, [])):
+        if any(a.k != k for a in sources):
+            notes.append(f"{name}: activation width differs from K={k}; no data")
+            sources = []
+    else:
+        sources = []
+    if sources and want_h:
+        h = sum(a.hessian for a in sources)
+    if sources and want_x:
+        x = np.concatenate([a.samples for a in sources])
+    own = method
+    if (want_h and h is None and method in ("gptq", "awq+gptq")) or (
+        want_x and x is None and method in ("awq", "awq+gptq")
+    ):
+        own = "rtn"
+        if node.op_type != "Gather":
+            notes.append(f"{name}: no activations captured; {method} -> rtn")
+    try:
+        choices = {f"{f}/b{b}": _quantize_one(w, axis, f, b, own, h, x) for f, b in options}
+    except ValueError as exc:
+        skipped.append(
+            {"name": name, "node": node.name, "op_type": node.op_type, "reason": str(exc)}
+        )
+        return None
+    w_kn = w if axis == 0 else w.T
+    errors = {}
+    if target_bits is not None:  # the option's error now, while w and H are at hand
+        errors = {lb: _rel_error(w_kn, c.recon_kn() - w_kn, h) for lb, c in choices.items()}
+    output_error = {}
+    if h is not None:  # (own method's, round to nearest's) relative output error per option
+        for lb, c in choices.items():
+            err = errors[lb] if lb in errors else _rel_error(w_kn, c.recon_kn() - w_kn, h)
+            if own == "rtn":
+                ref = err
+            else:
+                f, b = lb.split("/b")
+                r = _quantize_one(w, axis, f, int(b), "rtn", None, None)
+                ref = _rel_error(w_kn, r.recon_kn() - w_kn, h)
+            output_error[lb] = (err, ref)
+    return {
+        "method": own,
+        "choices": choices,
+        "errors": errors,
+        "output_error": output_error,
+        "n": w.size,
+    }
+
+
+#: GPTQ as the ONNX path runs it: rows in decreasing-activation order with every group's
+#: params fixed up front by the mse search (act_order implies static groups, so the layout is
+#: the standard one). On all-MiniLM-L6-v2 (uint4, block 32) this took the output cosine from
+#: 0.9835 (natural order, rtn params) to 0.9867 and ran 2-5x faster (no per-group searches
+#: while rows are being updated); see benchmarks/methods_real_models.md.
+GPTQ_OPTIONS = {"act_order": True, "method": "mse"}
+
+
+def _gptq(w_kn: np.ndarray, h: np.ndarray, format: str, block_size: int) -> QuantizedTensor:
+    from ..algorithms.gptq import gptq_quantize
+
+    return gptq_quantize(w_kn.astype(np.float32), h, format, block_size, **GPTQ_OPTIONS)
+
+
+def _awq(w_kn, x, format, block_size) -> tuple[np.ndarray, QuantizedTensor]:
+    """AWQ's scales s for w_kn (K, N) and the scaled weight quantized plainly."""
+    from ..algorithms.awq import awq_apply, awq_search
+
+    w32 = w_kn.astype(np.float32)
+    s = np.asarray(awq_search(w32, x, format, block_size), np.float32)
+    return s, quantize_tensor(awq_apply(w32, s), format, block_size, axis=0)
+
+
+def _awq_gptq(w_kn, s, h, format, block_size) -> QuantizedTensor:
+    """GPTQ of diag(s) W against the Hessian of the scaled input x / s: S^-1 H S^-1."""
+    from ..algorithms.awq import awq_apply
+
+    s64 = s.astype(np.float64)
+    h_s = h / s64[:, None] / s64[None, :]
+    return _gptq(awq_apply(w_kn.astype(np.float32), s), h_s, format, block_size)
+
+
+def _quantize_one(
+    w: np.ndarray,
+    axis: int,
+    format: str,
+    block_size: int,
+    method: str,
+    h: np.ndarray | None,
+    x: np.ndarray | None,
+) -> _Choice:
+    """Quantize one 2-D weight (blocks along `axis`) with `method`; scales in w's dtype.
+
+    "awq+gptq" tries AWQ, GPTQ and GPTQ on AWQ's scaled weight and keeps whichever has the
+    smallest output error tr(D^T H D) on the calibration activations (so, on those, it is
+    never worse than either alone); `_Choice.picked` says which.
+    """
+    w_kn = w if axis == 0 else w.T
+
+    def finish(qt: QuantizedTensor, inv: np.ndarray | None, picked: str) -> _Choice:
+        if qt.shape != w_kn.shape:
+            raise ValueError(f"{method} returned shape {qt.shape}, expected {w_kn.shape}")
+        qt = _with_scale_dtype(qt, w.dtype)
+        return _Choice(_transposed(qt) if axis == 1 else qt, inv, picked)
+
+    if method == "gptq":
+        return finish(_gptq(w_kn, h, format, block_size), None, "gptq")
+    if method == "awq":
+        s, qt = _awq(w_kn, x, format, block_size)
+        return finish(qt, (1.0 / s).astype(np.float32), "awq")
+    if method == "awq+gptq":
+        s, qt = _awq(w_kn, x, format, block_size)
+        inv = (1.0 / s).astype(np.float32)
+        tried = [
+            finish(qt, inv, "awq"),
+            finish(_gptq(w_kn, h, format, block_size), None, "gptq"),
+            finish(_awq_gptq(w_kn, s, h, format, block_size), inv, "awq+gptq"),
+        ]
+        errs = [_rel_error(w_kn, c.recon_kn() - w_kn, h) for c in tried]
+        return tried[int(np.argmin(errs))]  # ties keep the earlier (simpler) one
+    qt = quantize_tensor(w, format, block_size, axis=axis, method=method)
+    return finish(_transposed(qt) if axis == 1 else qt, None, method)
+
+
 def _quantize_in_place(
     model: onnx.ModelProto,
     *,
@@ -401,9 +865,19 @@ def _quantize_in_place(
     exclude_op_types: Iterable[str] = (),
     accuracy_level: int | None = None,
     quantize_gather: bool = False,
+    method: str = "rtn",
+    calib: Any = None,
+    target_bits: float | None = None,
+    calib_memory: int | None = CALIB_MEMORY,
     details: dict | None = None,
 ) -> list[dict]:
-    _check_args(format, block_size, output, accuracy_level)
+    _check_args(format, block_size, output, accuracy_level, method, target_bits)
+    if calib_memory is not None:
+        if isinstance(calib_memory, bool) or not isinstance(calib_memory, (int, np.integer)):
+            raise TypeError(f"calib_memory must be an int (bytes) or None, got {calib_memory!r}")
+        if calib_memory <= 0:
+            raise ValueError(f"calib_memory must be > 0 bytes, got {calib_memory}")
+    method = method.lower()
     exclude_op_types = set(exclude_op_types or ())
     skipped: list[dict] = []
     notes: list[str] = []
@@ -441,33 +915,22 @@ def _quantize_in_place(
     weights = _weight_sources(graph)
     uses = _use_counts(graph)
     namer = _Namer(_all_names(model))
-    signed = format == "int4"
 
     # quantize each (weight, axis) once
-    quantized: dict[tuple[str, int], QuantizedTensor] = {}
-    bad: set[tuple[str, int]] = set()
-    rows: dict[tuple[str, int], dict] = {}
-    for site in sites:
-        key = (site.weight, site.axis)
-        if key in quantized or key in bad:
-            continue
-        w = _weight_array(weights[site.weight])
-        try:
-            qt = quantize_tensor(w, format, block_size, axis=site.axis)
-            qt = _with_scale_dtype(qt, w.dtype)
-        except ValueError as exc:
-            bad.add(key)
-            skipped.append(
-                {
-                    "name": site.weight,
-                    "node": site.node.name,
-                    "op_type": site.node.op_type,
-                    "reason": str(exc),
-                }
-            )
-            continue
-        quantized[key] = qt
-        rows[key] = tensor_report(site.weight, w, qt)
+    quantized, rows, awq_scales = _quantize_weights(
+        model,
+        sites,
+        weights,
+        format=format,
+        block_size=block_size,
+        output=output,
+        method=method,
+        calib=calib,
+        target_bits=target_bits,
+        skipped=skipped,
+        notes=notes,
+        calib_memory=calib_memory,
+    )
     sites = [s for s in sites if (s.weight, s.axis) in quantized]
     if not sites:
         raise ValueError("no quantizable weights: " + "; ".join(s["reason"] for s in skipped))
@@ -481,18 +944,21 @@ def _quantize_in_place(
     def nbits_for(key) -> list[str]:
         if key not in nbits_inputs:
             qt = quantized[key]
+            bits = qt.fmt.bits
+            signed = qt.zero_points is None
             n_rows, nb = qt.scales.shape
-            data = qt.data ^ np.uint8(0x88) if signed else qt.data  # int4: code + 8, zp 8
+            # symmetric codes are stored + 2^(bits-1), MatMulNBits' default zero point
+            flip = np.uint8(0x88 if bits == 4 else 0x80)
+            data = qt.data ^ flip if signed else qt.data
             b = numpy_helper.from_array(
-                data.reshape(n_rows, nb, qt.block_size // 2), namer(f"{key[0]}_Q4")
+                data.reshape(n_rows, nb, qt.block_size * bits // 8), namer(f"{key[0]}_Q{bits}")
             )
             s = numpy_helper.from_array(qt.scales, namer(f"{key[0]}_scales"))
             names = [b.name, s.name]
             new_inits.extend([b, s])
             if not signed:
-                z = numpy_helper.from_array(
-                    pack_nibbles(qt.zero_points), namer(f"{key[0]}_zero_points")
-                )
+                zp = pack_nibbles(qt.zero_points) if bits == 4 else qt.zero_points
+                z = numpy_helper.from_array(zp, namer(f"{key[0]}_zero_points"))
                 new_inits.append(z)
                 names.append(z.name)
             nbits_inputs[key] = names
@@ -502,15 +968,24 @@ def _quantize_in_place(
         if key not in dq_outputs:
             name, axis = key
             qt = quantized[key]
+            signed = qt.zero_points is None
             n = qt.shape[axis]
             codes = from_blocks(qt.codes(), n, axis)  # back in the weight's own layout
-            q = _int4_tensor(namer(f"{name}_Q4"), codes, signed)
+            if qt.fmt.bits == 4:
+                q = _int4_tensor(namer(f"{name}_Q4"), codes, signed)
+            else:
+                q = numpy_helper.from_array(np.ascontiguousarray(codes), namer(f"{name}_Q8"))
             s = numpy_helper.from_array(qt.scales_along_axis(), namer(f"{name}_scales"))
             inputs = [q.name, s.name]
             new_inits.extend([q, s])
             if not signed:
                 zp = params_to_axis(qt.zero_points, axis)
-                z = _int4_tensor(namer(f"{name}_zero_points"), zp, signed=False)
+                if qt.fmt.bits == 4:
+                    z = _int4_tensor(namer(f"{name}_zero_points"), zp, signed=False)
+                else:
+                    z = numpy_helper.from_array(
+                        np.ascontiguousarray(zp), namer(f"{name}_zero_points")
+                    )
                 new_inits.append(z)
                 inputs.append(z.name)
             dq_outputs[key] = namer(f"{name}_DQ")
@@ -534,7 +1009,7 @@ def _quantize_in_place(
         attrs = {
             "K": qt.shape[key[1]],
             "N": qt.scales.shape[0],
-            "bits": 4,
+            "bits": qt.fmt.bits,
             "block_size": qt.block_size,
         }
         if accuracy_level is not None:
@@ -543,28 +1018,47 @@ def _quantize_in_place(
             "MatMulNBits",
             [a, *nbits_for(key)],
             [out],
-            name=namer(f"{node.name or key[0]}_Q4"),
+            name=namer(f"{node.name or key[0]}_Q{qt.fmt.bits}"),
             domain=MS_DOMAIN,
             **attrs,
         )
 
+    def input_scale(site: _Site) -> tuple[list[onnx.NodeProto], str]:
+        """AWQ: the activation times 1/s, in a Mul of its own (nothing else reads it)."""
+        node, key = site.node, (site.weight, site.axis)
+        a = node.input[0]
+        if key not in awq_scales:
+            return [], a
+        inv = awq_scales[key]
+        if node.op_type == "Gemm" and _attr(node, "transA", 0):
+            inv = inv[:, None]  # A is (K, M): scale its rows
+        dtype = quantized[key].scales.dtype
+        t = numpy_helper.from_array(inv.astype(dtype), namer(f"{site.weight}_awq_inv_scale"))
+        new_inits.append(t)
+        out = namer(f"{a}_awq_{site.weight}")
+        base = node.name or site.weight
+        mul = helper.make_node("Mul", [a, t.name], [out], name=namer(f"{base}_awq_mul"))
+        return [mul], out
+
     def rewrite(site: _Site) -> list[onnx.NodeProto]:
         node, key = site.node, (site.weight, site.axis)
+        pre, a = input_scale(site)
         if output == "qdq" or node.op_type == "Gather":
             new = onnx.NodeProto()
             new.CopyFrom(node)
             new.input[site.index] = dq_for(key)
-            return [new]
+            if pre:
+                new.input[0] = a
+            return [*pre, new]
         if node.op_type == "MatMul":
-            return [matmulnbits(node, node.input[0], key, node.output[0])]
+            return [*pre, matmulnbits(node, a, key, node.output[0])]
         # Gemm: Y = alpha * A' @ B' + beta * C, spelled out around MatMulNBits
         dtype = quantized[key].scales.dtype
         alpha, beta = _attr(node, "alpha", 1.0), _attr(node, "beta", 1.0)
         c = node.input[2] if len(node.input) > 2 and node.input[2] and beta != 0 else None
         y = node.output[0]
         base = node.name or y
-        nodes = []
-        a = node.input[0]
+        nodes = pre
         if _attr(node, "transA", 0):
             t = namer(f"{base}_A_T")
             nodes.append(
@@ -671,6 +1165,8 @@ def _external_files(model: onnx.ModelProto, base: Path) -> set[Path]:
     for t in _tensors(model):
         if t.data_location == TensorProto.EXTERNAL:
             loc = {e.key: e.value for e in t.external_data}.get("location")
+            if isinstance(loc, bytes):  # protobuf hands out invalid UTF-8 as bytes
+                raise ValueError(f"tensor {t.name!r}: its external data location is not text")
             if loc:
                 files.add((base / loc).resolve())
     return files
@@ -724,7 +1220,10 @@ def load_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[Path]]:
     if not model.HasField("graph") or not model.opset_import:
         raise ValueError(f"{path}: not a complete ONNX model (no graph or no opset)")
     base = path.resolve().parent
-    files = _external_files(model, base)
+    try:
+        files = _external_files(model, base)
+    except (ValueError, OSError) as exc:  # also a NUL byte or a loop in a location
+        raise ValueError(f"{path}: {exc}") from None
     if files:
         missing = sorted(str(f) for f in files if not f.is_file())
         if missing:
@@ -948,11 +1447,9 @@ def check_models(
         if isinstance(inputs, dict):
             given = {k: np.asarray(v) for k, v in inputs.items()}
         else:
-            try:
-                with np.load(inputs, allow_pickle=False) as npz:
-                    given = {k: npz[k] for k in npz.files}
-            except Exception as exc:
-                raise ValueError(f"{inputs}: not a readable .npz ({exc})") from None
+            from .npz import load_npz  # checks sizes before allocating; never unpickles
+
+            given = load_npz(inputs)
         needed = [i.name for i in ref.get_inputs()]
         missing = [k for k in needed if k not in given]
         if missing:
