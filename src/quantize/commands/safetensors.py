@@ -37,6 +37,16 @@ def block_size_arg(text: str):
     return value
 
 
+def jobs_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of jobs: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "safetensors",
@@ -90,6 +100,14 @@ def add_parser(sub) -> None:
         "format; compressed-tensors: pack-quantized for vLLM/transformers, int4/uint4/int8/"
         "uint8 (default: quantize)",
     )
+    p.add_argument(
+        "--jobs",
+        type=jobs_arg,
+        default=1,
+        metavar="N",
+        help="convert N shards at once, in N processes (each holds about one tensor at a "
+        "time); the output is the same for any N (default: 1)",
+    )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-report", action="store_true", help="do not write the report files")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -126,6 +144,7 @@ def run(args) -> int:
         layout=args.layout,
         overwrite=args.force,
         progress=progress,
+        jobs=args.jobs,
     )
     settings = {
         "input": str(args.input),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import mmap
 import os
 import shutil
@@ -35,6 +36,26 @@ import numpy as np
 
 #: the reference implementation refuses headers beyond 100 MB
 MAX_HEADER = 100_000_000
+
+
+#: no tensor's size in bits (counting zero dims as 1) reaches this: NumPy could not describe it
+_MAX_BITS = 1 << 66
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json object_pairs_hook: a name given twice is an error, not "the last one wins"."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return out
 
 
 def _ml(name: str):
@@ -97,7 +118,7 @@ class TensorInfo:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -147,12 +168,18 @@ class SafetensorsFile:
             raise self._fail(f"header length {n} exceeds the format's limit of {MAX_HEADER}")
         raw = f.read(n)
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+        except _DuplicateKey as exc:
+            raise self._fail(f"the header names {exc.args[0]!r} twice") from None
+        except RecursionError:
+            raise self._fail("the header is not valid JSON (nested too deeply)") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, 4300-digit numbers
             raise self._fail(f"the header is not valid JSON ({exc})") from None
         if not isinstance(header, dict):
             raise self._fail(f"the header must be a JSON object, got {type(header).__name__}")
-        metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None)
+        if metadata is None:
+            metadata = {}
         if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
         ):
@@ -184,7 +211,7 @@ class SafetensorsFile:
         if not isinstance(entry, dict):
             raise self._fail(f"tensor {name!r}: header entry must be an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise self._fail(f"tensor {name!r}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
@@ -197,7 +224,11 @@ class SafetensorsFile:
             or not 0 <= offsets[0] <= offsets[1]
         ):
             raise self._fail(f"tensor {name!r}: bad data_offsets {offsets!r}")
-        bits = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype][1]
+        # Python ints: NumPy's int64 product wraps ([2**32, 2**32] gives 0, which "fits" in 0
+        # bytes) and overflows on dims past 2**63
+        if math.prod(max(d, 1) for d in shape) * DTYPES[dtype][1] >= _MAX_BITS:
+            raise self._fail(f"tensor {name!r}: shape {shape} is too large for any file")
+        bits = math.prod(shape) * DTYPES[dtype][1]
         if bits % 8 or offsets[1] - offsets[0] != bits // 8:
             raise self._fail(
                 f"tensor {name!r}: {dtype} {shape} needs {bits / 8:g} bytes, data_offsets "
@@ -304,7 +335,7 @@ class SafetensorsWriter:
         if name in self._entries:
             raise ValueError(f"{self.path}: tensor {name!r} is written twice")
         shape = tuple(int(d) for d in shape)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype][1] // 8
+        nbytes = math.prod(shape) * DTYPES[dtype][1] // 8
         buf = memoryview(data).cast("B")
         if buf.nbytes != nbytes:
             raise ValueError(

@@ -1,12 +1,44 @@
-"""Writing files so that a failure or an interruption never leaves half of one behind."""
+"""Writing files so that a failure or an interruption never leaves half of one behind.
+
+Work happens under a temporary name beside the output; any exception, KeyboardInterrupt
+included (and SIGTERM, which the CLI turns into `Terminated`), deletes it. The final renames
+run with SIGINT and SIGTERM blocked, so a signal arriving in between cannot leave the old output
+moved away and the new one not yet in place: it is acted on just after.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised as an exception (by the CLI's handler) so that cleanup code runs.
+
+    A BaseException, like KeyboardInterrupt: `except Exception` blocks do not swallow it.
+    """
+
+
+_COMMIT_SIGNALS = {signal.SIGINT, getattr(signal, "SIGTERM", signal.SIGINT)}
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait (the OS keeps them pending) until the block ends."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield  # Windows has no signal masks; other threads never run Python signal handlers
+        return
+    old = mask(signal.SIG_BLOCK, _COMMIT_SIGNALS)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
 
 
 class OutputError(ValueError):
@@ -62,7 +94,8 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         _public_mode(tmp_path, final, is_dir=False)
-        os.replace(tmp_path, final)
+        with signals_held():
+            os.replace(tmp_path, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -82,13 +115,14 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _public_mode(tmp, final, is_dir=True)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        with signals_held():  # never the old folder moved away and the new one not in place
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -155,7 +155,10 @@ def decode(
     packed, scale, wshape = (pieces[k] for k in ("weight_packed", "weight_scale", "weight_shape"))
     zp_packed = pieces.get("weight_zero_point")
     if wshape.dtype.kind not in "iu" or wshape.shape != (2,) or (wshape <= 0).any():
-        raise ValueError(f"weight_shape must be two positive ints, got {wshape.dtype} {wshape}")
+        raise ValueError(
+            f"weight_shape must be two positive ints, got {wshape.dtype} "
+            f"{list(wshape.shape)} starting {wshape.reshape(-1)[:4].tolist()}"
+        )
     rows, cols = (int(v) for v in wshape)
     if packed.dtype != np.int32 or packed.ndim != 2 or packed.shape[0] != rows:
         raise ValueError(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
+import math
 import os
 import re
 import shutil
@@ -39,6 +40,7 @@ import numpy as np
 from .._checks import is_float_dtype
 from ..core import quantize_tensor, resolve_block
 from ..formats import get_format
+from ..formats.nf4 import DQ_BLOCK, DoubleQuant
 from ..packing import pack_nibbles, unpack_nibbles
 from ..report import error_stats_chunked
 from ..tensor import QuantizedTensor
@@ -51,7 +53,7 @@ LAYOUT_VERSION = 1
 #: the `__metadata__` key holding our JSON
 META_KEY = "quantize"
 LAYOUTS = ("quantize", "compressed-tensors")
-PIECES = (".qdata", ".scales", ".zero_points")
+PIECES = (".qdata", ".scales", ".zero_points", ".scales_absmax")
 
 #: 8-bit scale encodings by format: E4M3 values as F8_E4M3, powers of two as E8M0 bytes (U8)
 _SCALE_STORAGE = {"nvfp4": "e4m3", "mxfp4": "e8m0", "mxfp4_ceil": "e8m0"}
@@ -196,8 +198,11 @@ def _our_metadata(f: SafetensorsFile) -> dict | None:
         return None
     try:
         meta = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{f.path}: __metadata__[{META_KEY!r}] is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # also 4300-digit numbers and deep nesting
+        what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ValueError(
+            f"{f.path}: __metadata__[{META_KEY!r}] is not valid JSON: {what}"
+        ) from None
     if not isinstance(meta, dict) or not isinstance(meta.get("tensors"), dict):
         raise ValueError(f"{f.path}: __metadata__[{META_KEY!r}] has no 'tensors' object")
     version = meta.get("layout_version")
@@ -296,6 +301,11 @@ def _encode(qt: QuantizedTensor) -> tuple[dict[str, np.ndarray], dict]:
         e = e.astype(np.int64) - 1 + 127
         if (m == 0.5).all() and (e >= 0).all() and (e <= 254).all():
             storage, scales = "e8m0", e.astype(np.uint8)
+    dq = qt.double_quant
+    if dq is not None:  # nf4_dq: bitsandbytes' 8-bit codes, float32 absmax per 256, offset
+        storage, scales = "dq8", dq.codes
+        pieces[".scales_absmax"] = dq.absmax
+        entry["scale_offset"] = float(dq.offset)  # float32/64: exact as a JSON number
     entry["scale_storage"] = storage
     pieces[".scales"] = scales
     zp = qt.zero_points
@@ -334,6 +344,8 @@ def _decode(entry: dict, piece: Callable[[str], np.ndarray | None]) -> Quantized
     if axis is not None and (type(axis) is not int or not 0 <= axis < max(len(shape), 1)):
         raise ValueError(f"bad axis {axis!r} for shape {shape}")
     dtype = _np_dtype(entry["dtype"], "dtype")
+    if not is_float_dtype(dtype):
+        raise ValueError(f"dtype {entry['dtype']} is not a floating-point type")
     scale_dtype = _np_dtype(entry["scale_dtype"], "scale_dtype")
     data = piece(".qdata")
     scales = piece(".scales")
@@ -342,8 +354,35 @@ def _decode(entry: dict, piece: Callable[[str], np.ndarray | None]) -> Quantized
         raise ValueError(f"missing {'.qdata' if data is None else '.scales'}")
     if data.dtype != np.uint8:
         raise ValueError(f".qdata must be U8, got {data.dtype}")
+    # keeps absurd sizes away from NumPy's int64 arithmetic (OverflowError, or a silent wrap);
+    # QuantizedTensor then checks that every piece fits the shape
+    if math.prod(max(d, 1) for d in shape) >= 2**62:
+        raise ValueError(f"shape {shape} is too large for any file")
     storage = entry["scale_storage"]
-    if storage == "float":
+    dq = None
+    if (storage == "dq8") != (piece(".scales_absmax") is not None):
+        raise ValueError(
+            "has .scales_absmax but its scales are not dq8"
+            if storage != "dq8"
+            else "missing .scales_absmax (dq8 scales)"
+        )
+    if storage == "dq8":
+        off = entry.get("scale_offset")
+        if isinstance(off, bool) or not isinstance(off, (int, float)):
+            raise ValueError(f"bad scale_offset {off!r}")
+        if scales.dtype != np.uint8:
+            raise ValueError(f".scales must be U8 (dq8 codes), got {scales.dtype}")
+        absmax = piece(".scales_absmax")
+        if absmax.dtype != scale_dtype:
+            raise ValueError(f".scales_absmax is {absmax.dtype}, the metadata says {scale_dtype}")
+        dq = DoubleQuant(np.array(scales), np.array(absmax), scale_dtype.type(off))
+        if dq.codes.ndim == 0 or dq.absmax.ndim != 1:
+            raise ValueError("dq8 .scales and .scales_absmax have the wrong number of dimensions")
+        groups = -(-dq.codes.size // DQ_BLOCK)
+        if dq.absmax.shape != (groups,):
+            raise ValueError(f".scales_absmax must have shape ({groups},), got {dq.absmax.shape}")
+        scales = dq.values()
+    elif storage == "float":
         if scales.dtype != scale_dtype:
             raise ValueError(f".scales is {scales.dtype}, the metadata says {scale_dtype}")
         scales = np.array(scales)
@@ -381,8 +420,12 @@ def _decode(entry: dict, piece: Callable[[str], np.ndarray | None]) -> Quantized
     elif zp_storage is not None:
         raise ValueError(f"unknown zero_point_storage {zp_storage!r}")
     ts = entry.get("tensor_scale")
-    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float))):
-        raise ValueError(f"bad tensor_scale {ts!r}")
+    if ts is not None and (
+        isinstance(ts, bool)
+        or not isinstance(ts, (int, float))
+        or not 0 < ts <= float(np.finfo(np.float32).max)
+    ):
+        raise ValueError(f"bad tensor_scale {ts!r} (a float32 > 0)")
     return QuantizedTensor(
         data=np.array(data),
         scales=np.ascontiguousarray(scales),
@@ -393,6 +436,7 @@ def _decode(entry: dict, piece: Callable[[str], np.ndarray | None]) -> Quantized
         shape=tuple(shape),
         dtype=dtype,
         tensor_scale=None if ts is None else np.float32(ts),
+        double_quant=dq,
     )
 
 
@@ -420,6 +464,7 @@ class _Run:
     rows: list[dict] = field(default_factory=list)
     ct_ignore: list[str] = field(default_factory=list)
     ct_group: int | None = None
+    done: int = 0  # tensors converted so far (by this process)
 
 
 def quantize_safetensors(
@@ -437,6 +482,7 @@ def quantize_safetensors(
     clip_ratio: float = 1.0,
     overwrite: bool = False,
     progress: Callable[[dict], None] | None = None,
+    jobs: int = 1,
 ) -> list[dict]:
     """Quantize a safetensors checkpoint; returns one report row per tensor (see report.py).
 
@@ -452,8 +498,14 @@ def quantize_safetensors(
 
     The output appears whole or not at all (written to a temporary file/folder beside it,
     renamed at the end); an existing output is replaced only with `overwrite`; inputs are
-    never written to. `progress(row)` is called after each tensor.
+    never written to. `progress(row)` is called after each tensor (with jobs > 1: after each
+    shard, for its tensors). jobs: shards converted at once, in that many worker processes
+    (each holds about one tensor at a time); the output is the same for any number.
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int):
+        raise TypeError(f"jobs must be an int >= 1, got {jobs!r}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     fmt = get_format(format)
@@ -500,12 +552,19 @@ def quantize_safetensors(
         if source.single:
             with atomic_path(out) as tmp:
                 _convert_file(opened.files[0], tmp, plan, run, out.name)
+                _test_pause(run)
         else:
             with atomic_dir(out) as tmp:
                 names: dict[str, str] = {}
                 total = 0
-                for f in opened.files:
-                    written = _convert_file(f, tmp / f.path.name, plan, run, f.path.name)
+                if jobs > 1 and len(opened.files) > 1:
+                    results = _convert_parallel(opened, tmp, plan, run, jobs)
+                else:
+                    results = (
+                        (f, _convert_file(f, tmp / f.path.name, plan, run, f.path.name))
+                        for f in opened.files
+                    )
+                for f, written in results:
                     names.update(dict.fromkeys(written, f.path.name))
                     total += sum(written.values())
                 _copy_companions(source, tmp, run)
@@ -516,7 +575,103 @@ def quantize_safetensors(
                     (tmp / source.index.name).write_text(
                         json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
                     )
+                _test_pause(run)
     return run.rows
+
+
+#: test hook (tests/test_interrupt.py): QUANTIZE_TEST_PAUSE_AFTER=N makes a process that has
+#: converted N tensors (and not started the next) say "quantize-test: paused after N tensors"
+#: on stderr and sleep QUANTIZE_TEST_PAUSE_SECONDS (default 60), so a test can signal it at a
+#: known point; N equal to the number of tensors pauses a run just before its output is
+#: renamed into place (index written). With jobs > 1 each worker counts its own shard.
+PAUSE_ENV = "QUANTIZE_TEST_PAUSE_AFTER"
+
+
+def _test_pause(run: _Run) -> None:
+    wanted = os.environ.get(PAUSE_ENV)
+    if wanted is None or wanted.strip() != str(run.done):
+        return
+    import sys
+
+    print(f"quantize-test: paused after {run.done} tensors", file=sys.stderr, flush=True)
+    time.sleep(float(os.environ.get("QUANTIZE_TEST_PAUSE_SECONDS", "60")))
+
+
+def _worker_init(threads: int) -> None:
+    """Worker processes: Ctrl-C goes to the parent, which stops them; no oversubscribed cores."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from ..kernels import ENV_THREADS
+
+    os.environ.setdefault(ENV_THREADS, str(threads))
+
+
+def _convert_shard(
+    path: str, dest: str, plan: dict[str, _Plan], run: _Run, out_name: str
+) -> tuple[list[dict], dict[str, int]]:
+    """One shard in a worker process: (its report rows, the bytes of each tensor written)."""
+    with SafetensorsFile(path) as f:
+        written = _convert_file(f, Path(dest), plan, run, out_name)
+    return run.rows, written
+
+
+def _convert_parallel(opened: _Opened, tmp: Path, plan, run: _Run, jobs: int):
+    """Convert the shards in `jobs` processes; yields (file, written) in file order.
+
+    Any exception or interruption here kills the workers before it propagates, so the
+    caller's cleanup of `tmp` never races a worker still writing into it.
+    """
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    workers = min(jobs, len(opened.files))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),  # no fork of a numba-threaded parent
+        initializer=_worker_init,
+        initargs=(threads,),
+    )
+    try:
+        futures = {}
+        for f in opened.files:
+            sub = {n: plan[n] for n in f.tensors}
+            shard_run = _Run(
+                format=run.format,
+                block_size=run.block_size,
+                axis=run.axis,
+                clip_ratio=run.clip_ratio,
+                layout=run.layout,
+                selection=run.selection,
+                progress=None,
+                ct_ignore=run.ct_ignore,
+                ct_group=run.ct_group,
+            )
+            fut = pool.submit(
+                _convert_shard, str(f.path), str(tmp / f.path.name), sub, shard_run, f.path.name
+            )
+            futures[fut] = f
+        results: dict[SafetensorsFile, tuple[list[dict], dict[str, int]]] = {}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                results[futures[fut]] = fut.result()  # a worker's ValueError is raised here
+                if run.progress is not None:
+                    for row in results[futures[fut]][0]:
+                        run.progress(row)
+        pool.shutdown()
+        for f in opened.files:  # rows in file order, whichever shard finished first
+            run.rows.extend(results[f][0])
+            run.done += len(results[f][0])
+    except BaseException:
+        # a worker has no signal handler of ours: stop them all before the folder goes
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    return [(f, results[f][1]) for f in opened.files]
 
 
 def _output_path(source: Source, dst: Path, overwrite: bool) -> Path:
@@ -609,6 +764,7 @@ def _convert_file(
     entries: dict[str, dict] = {}
     with SafetensorsWriter(dest) as w:
         for name, info in f.tensors.items():
+            _test_pause(run)
             p = plan[name]
             if not p.quantize:
                 w.add_raw(name, info.dtype, info.shape, f.raw(name))
@@ -626,7 +782,8 @@ def _convert_file(
             if run.layout == "quantize":
                 pieces, entry = _encode(qt)
                 stored, written = qt, {name + s: a for s, a in pieces.items()}
-                extra = 0 if qt.tensor_scale is None else 4  # kept in the header
+                # kept in the header: nvfp4's tensor scale, nf4_dq's offset
+                extra = (qt.tensor_scale is not None) * 4 + (qt.double_quant is not None) * 4
             else:
                 scale_dtype = arr.dtype if info.dtype in WEIGHT_FLOATS else np.float32
                 pieces, stored = ct.encode(qt, scale_dtype)
@@ -669,6 +826,7 @@ def _convert_file(
 
 def _emit(run: _Run, row: dict) -> None:
     run.rows.append(row)
+    run.done += 1
     if run.progress is not None:
         run.progress(row)
 
@@ -815,7 +973,9 @@ def _load_entry(opened, f, layout, name, entry, out, consumed) -> None:
         if not isinstance(entry, dict):
             raise ValueError(f"{f.path}: tensor {name!r}: its metadata entry is not an object")
         try:
-            bits = ct.scheme(entry.get("format"))[0]
+            if not isinstance(entry.get("format"), str):
+                raise ValueError(f"bad format {entry.get('format')!r}")
+            bits = ct.scheme(entry["format"])[0]
         except ValueError as exc:
             raise ValueError(f"{f.path}: tensor {name!r}: {exc}") from None
         out[name] = _ct_tensor(f, name, pieces, f.array, bits, entry)
