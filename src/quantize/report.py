@@ -60,39 +60,47 @@ def _figures(signal: float, noise: float, emax: float, amax: float, std: float) 
 
 
 def error_stats_chunked(
-    original: np.ndarray, reconstructed: np.ndarray, chunk: int = 1 << 20
+    original: np.ndarray, reconstructed: np.ndarray, chunk: int = 1 << 22
 ) -> dict[str, float]:
-    """`error_stats` in slices of about `chunk` elements, for tensors too big to copy to float64.
+    """`error_stats` for tensors too big to copy to float64: two passes of a numba kernel over
+    slices of `chunk` elements (float16/bfloat16 slices are widened to float32 first).
 
-    Same figures (sums taken slice by slice, so the last digits may differ); a tensor of at
-    most `chunk` elements goes to `error_stats` itself.
+    Same figures as `error_stats` (sums taken in a different order, so the last digits may
+    differ; the histogram is the same); a tensor of at most `chunk` elements goes to
+    `error_stats` itself, as does everything when kernels are off (QUANTIZE_KERNELS=0).
     """
+    import os
+
+    from . import kernels
+
     x_all, r_all = np.asarray(original), np.asarray(reconstructed)
-    if x_all.size <= chunk or x_all.ndim == 0:
+    off = os.environ.get(kernels.ENV_SWITCH, "1") == "0"
+    if x_all.size <= chunk or x_all.ndim == 0 or off:
         return error_stats(x_all, r_all)
-    x_all, r_all = x_all.reshape(-1), r_all.reshape(-1)  # views of contiguous arrays
+    from .kernels import stats
+
+    x_all, r_all = x_all.reshape(-1), r_all.reshape(-1)
     slices = [slice(i, i + chunk) for i in range(0, x_all.size, chunk)]
+
+    def part(a, sl):
+        piece = a[sl]
+        return piece if piece.dtype in (np.float32, np.float64) else piece.astype(np.float32)
+
+    parts = np.concatenate([stats.moments(part(x_all, sl), part(r_all, sl)) for sl in slices])
     total = x_all.size
-    s_x = s_xx = s_ee = 0.0
-    amax = emax = 0.0
-    for sl in slices:
-        x = x_all[sl].astype(np.float64)
-        e = r_all[sl].astype(np.float64) - x
-        s_x += float(x.sum())
-        s_xx += float(np.dot(x, x))
-        s_ee += float(np.dot(e, e))
-        amax = max(amax, float(np.abs(x).max()))
-        emax = max(emax, float(np.abs(e).max()))
+    s_x, s_xx, s_ee = (float(v) for v in parts[:, :3].sum(axis=0))
+    amax, emax = float(parts[:, 3].max()), float(parts[:, 4].max())
     mean = s_x / total
-    s_dd = 0.0
-    counts = np.zeros(HIST_BINS, np.int64)
-    for sl in slices:  # the variance and the histogram (which needs emax) in a second pass
-        x = x_all[sl].astype(np.float64)
-        d = x - mean
-        s_dd += float(np.dot(d, d))
-        counts += _error_counts(r_all[sl].astype(np.float64) - x, emax)
-    signal, noise, std = s_xx / total, s_ee / total, float(np.sqrt(s_dd / total))
-    out = _figures(signal, noise, emax, amax, std)
+    edges = np.linspace(-emax, emax, HIST_BINS + 1) if emax > 0 else np.linspace(-1, 1, 3)
+    s_dd, counts = 0.0, np.zeros(HIST_BINS, np.int64)
+    for sl in slices:
+        dd, c = stats.spread(part(x_all, sl), part(r_all, sl), mean, edges)
+        s_dd += float(dd.sum())
+        if emax > 0:
+            counts += c.sum(axis=0)
+    if emax == 0:
+        counts[HIST_BINS // 2] = total
+    out = _figures(s_xx / total, s_ee / total, emax, amax, float(np.sqrt(s_dd / total)))
     out["error_hist"] = _hist_row(counts, emax)
     return out
 
