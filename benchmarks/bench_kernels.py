@@ -10,8 +10,8 @@ Run by hand (not collected by pytest):
         --formats int4,uint4 --blocks 128           # one row per format
 
 For each shape, input dtype (float32, float16), format and block size (int4 and uint4 at 32 and
-128; fp4_e2m1 at 128, mxfp4 and mxfp4_ceil at 32, nvfp4 at 16, nf4 at 64: each format's usual
-block), blocks along the last axis, it prints:
+128; int4_ort and fp4_e2m1 at 128, mxfp4 and mxfp4_ceil at 32, nvfp4 at 16, nf4 and nf4_dq at
+64: each format's usual block), blocks along the last axis, it prints:
 
 * quantize+pack and unpack+dequantize in Melem/s, best of --reps after a warm-up;
   dequantize twice: into a preallocated array (`out=`, the kernel itself) and into a new array
@@ -55,6 +55,7 @@ FORMATS = {
     "mxfp4_ceil": [32],
     "nvfp4": [16],
     "nf4": [64],
+    "nf4_dq": [64],
 }
 
 

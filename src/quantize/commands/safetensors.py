@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import closing
 
 from ..formats import available_formats
 
@@ -11,6 +12,7 @@ EPILOG = """\
 examples:
   quantize safetensors model.safetensors -o model.nf4.safetensors --format nf4 --block-size 64
   quantize safetensors ./llama/ -o ./llama-int4/ --exclude '*.mlp.down_proj.*'
+  quantize safetensors ./llama/ -o ./llama-uint4/ --format uint4 --method mse --jobs 2
   quantize safetensors ./llama/model.safetensors.index.json -o ./llama-w4a16/ \\
       --format int4 --block-size 128 --layout compressed-tensors
 
@@ -108,16 +110,39 @@ def add_parser(sub) -> None:
         help="convert N shards at once, in N processes (each holds about one tensor at a "
         "time); the output is the same for any N (default: 1)",
     )
+    p.add_argument(
+        "--method",
+        choices=["rtn", "mse", "hqq"],
+        default="rtn",
+        help="how block scales are chosen: rtn (the format's rule), mse (clipping search, "
+        "least squared error per block), hqq (half-quadratic optimisation) (default: rtn)",
+    )
+    p.add_argument(
+        "--nan",
+        choices=["raise", "zero"],
+        default="raise",
+        help="a NaN/Inf weight: raise (an error naming the tensor) or zero (NaN -> 0, "
+        "+-Inf -> the block's finite extreme) (default: raise)",
+    )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-report", action="store_true", help="do not write the report files")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument(
+        "--plot",
+        metavar="IMAGE",
+        help="draw per-tensor SQNR and the worst tensor's error histogram (.png/.svg/.pdf; "
+        "needs matplotlib)",
+    )
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bar or progress lines on stderr"
+    )
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from pathlib import Path
 
-    from ..io.safetensors import quantize_safetensors, report_base, resolve
+    from ..io.safetensors import report_base, resolve
+    from ..progress import ProgressBar
     from ..report import build_report, render_text, write_reports
 
     output = Path(args.output)
@@ -125,14 +150,58 @@ def run(args) -> int:
     if source.single and output.is_dir():  # a file into a folder keeps its name
         output = output / source.files[0].name
 
+    if args.plot:
+        from ..plot import _check_path
+
+        _check_path(args.plot)  # a bad name fails now, not after the work
+    bar = ProgressBar(_count_tensors(source), enabled=False if args.quiet else None)
+
     def progress(row):
-        if row["quantized"] and not args.quiet:
+        bar(row["name"])
+        if row["quantized"] and not args.quiet and not bar.enabled:  # a log, not a terminal
             print(
                 f"  {row['name']}: {row['sqnr_db']:.1f} dB, {row['bits_per_weight']:.2f} bits",
                 file=sys.stderr,
             )
 
-    rows = quantize_safetensors(
+    with closing(bar):
+        rows = _convert(args, output, progress)
+    settings = {
+        "input": str(args.input),
+        "output": str(output),
+        "format": args.format,
+        "block_size": "channel" if args.block_size is None else args.block_size,
+        "layout": args.layout,
+        "method": args.method,
+    }
+    print(render_text(build_report(rows, settings)), end="")
+    if not any(r["quantized"] for r in rows):
+        print("note: no tensor matched; the output is a copy of the input", file=sys.stderr)
+    print(f"wrote {output}")
+    if not args.no_report:
+        json_path, md_path = write_reports(rows, report_base(output), settings)
+        print(f"report: {json_path}, {md_path}")
+    if args.plot:
+        from ..plot import plot_report
+
+        print(f"plot: {plot_report(build_report(rows, settings), args.plot)}")
+    return 0
+
+
+def _count_tensors(source) -> int:
+    from ..io._stfile import SafetensorsFile
+
+    total = 0
+    for path in source.files:
+        with SafetensorsFile(path) as f:
+            total += len(f.tensors)
+    return total
+
+
+def _convert(args, output, progress):
+    from ..io.safetensors import quantize_safetensors
+
+    return quantize_safetensors(
         args.input,
         output,
         format=args.format,
@@ -145,19 +214,6 @@ def run(args) -> int:
         overwrite=args.force,
         progress=progress,
         jobs=args.jobs,
+        method=args.method,
+        nan=args.nan,
     )
-    settings = {
-        "input": str(args.input),
-        "output": str(output),
-        "format": args.format,
-        "block_size": "channel" if args.block_size is None else args.block_size,
-        "layout": args.layout,
-    }
-    print(render_text(build_report(rows, settings)), end="")
-    if not any(r["quantized"] for r in rows):
-        print("note: no tensor matched; the output is a copy of the input", file=sys.stderr)
-    print(f"wrote {output}")
-    if not args.no_report:
-        json_path, md_path = write_reports(rows, report_base(output), settings)
-        print(f"report: {json_path}, {md_path}")
-    return 0

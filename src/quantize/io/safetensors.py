@@ -465,6 +465,8 @@ class _Run:
     ct_ignore: list[str] = field(default_factory=list)
     ct_group: int | None = None
     done: int = 0  # tensors converted so far (by this process)
+    method: str = "rtn"
+    nan: str = "raise"
 
 
 def quantize_safetensors(
@@ -483,6 +485,8 @@ def quantize_safetensors(
     overwrite: bool = False,
     progress: Callable[[dict], None] | None = None,
     jobs: int = 1,
+    method: str = "rtn",
+    nan: str = "raise",
 ) -> list[dict]:
     """Quantize a safetensors checkpoint; returns one report row per tensor (see report.py).
 
@@ -494,7 +498,9 @@ def quantize_safetensors(
     docstring). layout: "quantize" (NAME.qdata / .scales / .zero_points, docs/
     safetensors-layout.md) or "compressed-tensors" (pack-quantized, for vLLM/transformers;
     int4/uint4/int8/uint8, 2-d weights quantized along their last axis; config.json gets the
-    quantization_config).
+    quantization_config). method: how block scales are chosen ("rtn", "mse", "hqq": the
+    data-free methods of `quantize.algorithms`). nan: "raise" (a NaN/Inf is an error naming
+    the tensor) or "zero" (as `quantize_tensor`'s nan=).
 
     The output appears whole or not at all (written to a temporary file/folder beside it,
     renamed at the end); an existing output is replaced only with `overwrite`; inputs are
@@ -523,6 +529,11 @@ def quantize_safetensors(
         raise TypeError(f"clip_ratio must be a number in (0, 1], got {clip_ratio!r}")
     if not 0 < clip_ratio <= 1:
         raise ValueError(f"clip_ratio must be a number in (0, 1], got {clip_ratio!r}")
+    from ..algorithms import get_method
+
+    get_method(method)  # ValueError listing the methods, before any work
+    if nan not in ("raise", "zero"):
+        raise ValueError(f"nan must be 'raise' or 'zero', got {nan!r}")
     if isinstance(include, str):
         include = [include]
     if isinstance(exclude, str):
@@ -534,6 +545,8 @@ def quantize_safetensors(
         axis=axis,
         clip_ratio=clip_ratio,
         layout=layout,
+        method=method,
+        nan=nan,
         selection=Selection(
             include=list(include) if include else None,
             exclude=list(exclude) if exclude else None,
@@ -643,6 +656,8 @@ def _convert_parallel(opened: _Opened, tmp: Path, plan, run: _Run, jobs: int):
                 axis=run.axis,
                 clip_ratio=run.clip_ratio,
                 layout=run.layout,
+                method=run.method,
+                nan=run.nan,
                 selection=run.selection,
                 progress=None,
                 ct_ignore=run.ct_ignore,
@@ -775,7 +790,13 @@ def _convert_file(
             start = time.perf_counter()
             try:
                 qt = quantize_tensor(
-                    arr, run.format, run.block_size, run.axis, clip_ratio=run.clip_ratio
+                    arr,
+                    run.format,
+                    run.block_size,
+                    run.axis,
+                    clip_ratio=run.clip_ratio,
+                    method=run.method,
+                    nan=run.nan,
                 )
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{f.path}: tensor {name!r}: {exc}") from None
@@ -863,7 +884,13 @@ def _quantized_row(name, arr, stored, info, out_name, nbytes, seconds) -> dict:
         "seconds": seconds,
         "note": None,
     }
-    row.update(error_stats_chunked(arr, stored.dequantize(np.float32)))
+    restored = stored.dequantize(np.float32)
+    finite = np.isfinite(arr)
+    if not finite.all():  # nan="zero": a replaced NaN/Inf counts as its replacement (exact)
+        row["nonfinite"] = int(finite.size - np.count_nonzero(finite))
+        row["note"] = f"{row['nonfinite']} NaN/Inf replaced (--nan zero)"
+        arr = np.where(finite, arr, restored)
+    row.update(error_stats_chunked(arr, restored))
     return row
 
 

@@ -75,7 +75,7 @@ QUANTIZE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), _BF16)
 DEQUANTIZE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), _BF16, np.dtype(np.float64))
 ENV_THREADS = "QUANTIZE_NUM_THREADS"
 #: results at least this large are written with non-temporal stores (int4/uint4 to float32)
-_STREAM_MIN_BYTES = int(os.environ.get("QUANTIZE_STREAM_MIN_BYTES", 64 << 20))
+_STREAM_MIN_BYTES = 64 << 20
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 #: elements per parallel work item (a run of blocks in one row), fewer when there is little work
 _ITEM_ELEMENTS = 4096

@@ -1,21 +1,24 @@
-"""Numba kernels for int4 (symmetric) and uint4 (zero point): quantize+pack, unpack+dequantize.
+"""The rules of int4 (symmetric), uint4 (zero point) and int4_ort (ONNX Runtime's), and the
+scalar and bit-level helpers every kernel module builds on; the integer kernels themselves are
+in `intvec` (on `fp4`'s 16-lane IR, which builds on this module).
 
-Importing this module imports numba (`quantize.kernels` imports it only on first use). Every
-kernel is compiled on its first call for the argument types it gets, with `cache=True`.
+Importing this module imports numba (`quantize.kernels` imports it only on first use).
 
-The kernels reproduce the NumPy path (`quantize.formats.integer`, `quantize.packing`,
+The rules reproduce the NumPy path (`quantize.formats.integer`, `quantize.packing`,
 `QuantizedTensor.dequantize`) bit for bit; `quantize.kernels.reference` is the twin the tests
-hold them to. Quantize, per block:
+hold the kernels to. Quantize, per block:
 
-* amax (int4), or the block's max and min (uint4), as an int32 max-reduction over the float32 bit
-  patterns (`bits & 0x7fffffff` orders like |x| for finite floats), which LLVM vectorises; a
-  float max-reduction stays scalar without fast-math (shared/notes/kernels.md).
-* the scale in float32 exactly as the format computes it: amax / 7, or (hi - lo) / 15 with the
-  span in float64 where it overflows float32; then `_cover`: an all-zero block gets 1, a scale
-  whose steps + 1/2 steps do not cover the span (subnormal blocks) is nudged up one ulp at a time.
-* codes: rint(x / scale) with IEEE division (no reciprocal), ties to even, clipped, two per byte,
-  element 2i in the low nibble; the padding of a last block holds the code of 0 and an odd total
-  is padded with a zero nibble, as `pack_nibbles` does.
+* amax (int4), or the block's max and min (uint4, int4_ort), as int32 max-reductions over the
+  float32 bit patterns (`bits & 0x7fffffff` orders like |x| for finite floats), which LLVM
+  vectorises; a float max-reduction stays scalar without fast-math (shared/notes/kernels.md).
+* the scale in float32 exactly as the format computes it: amax / 7, (hi - lo) / 15 with the
+  span in float64 where it overflows float32, or |extreme| / 8; then `_cover`: an all-zero block
+  gets 1, a scale whose steps + 1/2 steps do not cover the span (subnormal blocks) is nudged up
+  one ulp at a time.
+* codes: rint(x / scale) with IEEE division (no reciprocal), ties to even, clipped (int4_ort:
+  roundf(x * (1 / ORT's signed scale) + 8), ties up), two per byte, element 2i in the low
+  nibble; the padding of a last block holds the code of 0 and an odd total is padded with a
+  zero nibble, as `pack_nibbles` does.
 
 Dequantize: (code - zero point) * scale is exact in float64; like `QuantizedTensor.dequantize`
 the kernels round it once to the output dtype and clamp values past its range to its largest
@@ -33,7 +36,8 @@ Rows of a C-contiguous (rows, n) array are independent; the parallel loop runs o
 of blocks) work items, so one long row and many short rows both use every thread. An item
 starts on a byte, so no byte is shared between threads, and the results do not depend on the
 thread count. Quantize makes two passes over an item (a few KiB, so the second reads L1): the
-scales first, prefetching the row ahead, then the codes.
+scales first, prefetching the row ahead, then the codes. numba's on-disk cache keys on each
+kernel's own file: after editing helpers here, clear `__pycache__`.
 """
 
 from __future__ import annotations
@@ -430,9 +434,7 @@ def _prefetch_ahead(x, flat0, length, total):
             _prefetch(x, k)
 
 
-# --- int4_ort's scalar helpers (ONNX Runtime's rule, formats.integer.OrtInt4) ------------------
-# The kernels (`quantize_int4_ort`, and the dequantize kernels of all three formats) are in
-# `intvec`, which builds on `fp4`'s vector IR.
+# --- int4_ort's rule (ONNX Runtime's MatMulNBits, formats.integer.OrtInt4) ---------------------
 
 _EIGHT = np.float32(8.0)
 
