@@ -18,15 +18,15 @@ def test_demo_prints_a_table_for_every_format_and_block(capsys):
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     lines = [ln.split() for ln in out.splitlines() if ln.strip().startswith(("int4", "uint4"))]
-    assert [(ln[0], ln[1]) for ln in lines] == [
-        ("int4", "32"),
-        ("int4", "64"),
-        ("uint4", "32"),
-        ("uint4", "64"),
+    assert [(ln[0], ln[1], ln[2]) for ln in lines] == [
+        ("int4", "32", "rtn"),
+        ("int4", "64", "rtn"),
+        ("uint4", "32", "rtn"),
+        ("uint4", "64", "rtn"),
     ]
     for ln in lines:
-        assert 4.0 < float(ln[2]) < 6.0  # bits per weight, scales included
-        assert 5.0 < float(ln[4]) < 40.0  # SQNR dB: real error, not zero, not garbage
+        assert 4.0 < float(ln[3]) < 6.0  # bits per weight, scales included
+        assert 5.0 < float(ln[5]) < 40.0  # SQNR dB: real error, not zero, not garbage
 
 
 def test_demo_rows_get_better_with_smaller_blocks_and_more_bits():
@@ -99,15 +99,16 @@ def test_import_loads_no_compiler():
 
 def test_demo_model_runs_in_onnxruntime_and_keeps_files_only_with_o(tmp_path, capsys, monkeypatch):
     rows = demo.run_model_demo(tmp_path, out=io.StringIO())
-    assert [r["model"] for r in rows] == [
-        f"demo_block.{f}.b{b}.onnx" for f, b in demo.MODEL_CONFIGS
-    ]
+    assert [r["model"] for r in rows] == [demo.model_name(c) for c in demo.MODEL_CONFIGS]
     for r in rows:
         assert 5 < r["ratio"] < 8  # 4-bit codes plus scales, against float32
         assert 0.9 < r["cosine"] < 1.0  # really quantized, and still the same model
     assert (tmp_path / "demo_block.onnx").exists()
     by = {r["model"]: r for r in rows}
     assert by["demo_block.int4.b32.onnx"]["cosine"] > by["demo_block.int4.b128.onnx"]["cosine"]
+    # the scale search pays on these heavy-tailed weights, at the same size
+    assert by["demo_block.int4.b128.mse.onnx"]["cosine"] > by["demo_block.int4.b128.onnx"]["cosine"]
+    assert by["demo_block.int4.b128.mse.onnx"]["MiB"] == by["demo_block.int4.b128.onnx"]["MiB"]
 
     scratch, cwd = tmp_path / "tmp", tmp_path / "cwd"
     scratch.mkdir()

@@ -16,13 +16,31 @@ from ..formats import available_formats
 from ..report import tensor_report
 from ._args import positive_int, table
 
-#: (format, block size) pairs the tensor table shows by default: each format at its usual sizes
+#: (format, block size[, method]) the tensor table shows by default: each format at its usual
+#: sizes, round to nearest, and the mse scale search where it pays most
 DEMO_CONFIGS = (
-    ("int4", 32), ("int4", 128), ("uint4", 32), ("uint4", 128), ("nf4", 64),
-    ("fp4_e2m1", 32), ("mxfp4", 32), ("nvfp4", 16), ("int8", 128),
+    ("int4", 32), ("int4", 128), ("int4", 128, "mse"), ("uint4", 32), ("uint4", 128),
+    ("uint4", 128, "mse"), ("nf4", 64), ("fp4_e2m1", 32), ("mxfp4", 32), ("nvfp4", 16),
+    ("int8", 128),
 )  # fmt: skip
 #: the ONNX model is quantized in these (MatMulNBits, which ONNX Runtime runs on any CPU)
-MODEL_CONFIGS = (("int4", 32), ("uint4", 32), ("int4", 128))
+MODEL_CONFIGS = (
+    ("int4", 32, "rtn"),
+    ("uint4", 32, "rtn"),
+    ("int4", 128, "rtn"),
+    ("int4", 128, "mse"),
+)
+
+
+def _config(config: tuple) -> tuple[str, int, str]:
+    fmt, bs, *rest = config
+    return fmt, bs, rest[0] if rest else "rtn"
+
+
+def model_name(config: tuple) -> str:
+    """The file name run_model_demo gives the model quantized in `config`."""
+    fmt, bs, method = _config(config)
+    return f"demo_block.{fmt}.b{bs}{'' if method == 'rtn' else '.' + method}.onnx"
 
 
 def demo_weights(seed: int = 0) -> dict[str, np.ndarray]:
@@ -47,8 +65,8 @@ def demo_weights(seed: int = 0) -> dict[str, np.ndarray]:
     return weights
 
 
-def run_demo(configs: Sequence[tuple[str, int]], out=None) -> list[dict]:
-    """Quantize the demo weights in each (format, block size); print the table to `out`."""
+def run_demo(configs: Sequence[tuple], out=None) -> list[dict]:
+    """Quantize the demo weights in each (format, block size[, method]); print the table."""
     out = sys.stdout if out is None else out
     weights = demo_weights()
     total = sum(w.size for w in weights.values())
@@ -58,10 +76,12 @@ def run_demo(configs: Sequence[tuple[str, int]], out=None) -> list[dict]:
         file=out,
     )
     rows = []
-    for fmt, bs in configs:
+    for config in configs:
+        fmt, bs, method = _config(config)
         start = time.perf_counter()
         results = [
-            tensor_report(n, w, quantize_tensor(w, fmt, bs, axis=-1)) for n, w in weights.items()
+            tensor_report(n, w, quantize_tensor(w, fmt, bs, axis=-1, method=method))
+            for n, w in weights.items()
         ]
         seconds = time.perf_counter() - start
         worst = min(results, key=lambda r: r["sqnr_db"])
@@ -70,6 +90,7 @@ def run_demo(configs: Sequence[tuple[str, int]], out=None) -> list[dict]:
             {
                 "format": fmt,
                 "block": bs,
+                "method": method,
                 "bits": 8 * size / total,
                 "MiB": size / 2**20,
                 "sqnr": float(np.mean([r["sqnr_db"] for r in results])),
@@ -85,6 +106,7 @@ def run_demo(configs: Sequence[tuple[str, int]], out=None) -> list[dict]:
             [
                 ("format", "format", ""),
                 ("block", "block", ""),
+                ("method", "method", ""),
                 ("bits/weight", "bits", ".3f"),
                 ("MiB", "MiB", ".3f"),
                 ("SQNR dB", "sqnr", ".2f"),
@@ -98,7 +120,8 @@ def run_demo(configs: Sequence[tuple[str, int]], out=None) -> list[dict]:
     )
     print(
         "\nSQNR: signal-to-quantization-noise ratio, mean over tensors (higher is better); "
-        "bits/weight include scales and zero points.",
+        "bits/weight include scales and zero points; method: how block scales are chosen (rtn: "
+        "the format's rule; mse: a search for the least squared error).",
         file=out,
     )
     return rows
@@ -145,11 +168,18 @@ def run_model_demo(folder: Path, out=None) -> list[dict] | None:
     float_path = folder / "demo_block.onnx"
     build_demo_model(float_path, demo_weights())
     rows = []
-    for fmt, bs in MODEL_CONFIGS:
-        q_path = folder / f"demo_block.{fmt}.b{bs}.onnx"
+    for config in MODEL_CONFIGS:
+        fmt, bs, method = _config(config)
+        q_path = folder / model_name(config)
         start = time.perf_counter()
         result = quantize_onnx_file(
-            float_path, q_path, format=fmt, block_size=bs, output="matmulnbits", overwrite=True
+            float_path,
+            q_path,
+            format=fmt,
+            block_size=bs,
+            output="matmulnbits",
+            overwrite=True,
+            method=method,
         )
         seconds = time.perf_counter() - start
         checked = check_models(float_path, q_path, n=4, seed=0)
@@ -187,7 +217,7 @@ def add_parser(sub) -> None:
         "print what each costs in accuracy and size; then quantize the same weights as an ONNX "
         "model and compare its outputs with the float model's in ONNX Runtime. Writes nothing "
         "outside a temporary folder unless -o is given.",
-        epilog="example: quantize demo --formats int4 nf4 --block-size 32 -o demo_models",
+        epilog="example: quantize demo --formats int4 nf4 --block-size 32 --method mse -o models",
     )
     demo.add_argument(
         "--formats",
@@ -204,6 +234,12 @@ def add_parser(sub) -> None:
         help="block sizes for --formats (default: 32 128)",
     )
     demo.add_argument(
+        "--method",
+        choices=["rtn", "mse", "hqq"],
+        default="rtn",
+        help="how block scales are chosen for --formats (default: rtn)",
+    )
+    demo.add_argument(
         "-o", "--output", type=Path, metavar="DIR", help="keep the ONNX models in DIR"
     )
     demo.add_argument("--no-model", action="store_true", help="skip the ONNX model part")
@@ -212,8 +248,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     if args.formats or args.block_size:
-        formats = args.formats or sorted({f for f, _ in DEMO_CONFIGS})
-        configs = [(f, b) for f in formats for b in (args.block_size or (32, 128))]
+        formats = args.formats or sorted({c[0] for c in DEMO_CONFIGS})
+        configs = [(f, b, args.method) for f in formats for b in (args.block_size or (32, 128))]
     else:
         configs = list(DEMO_CONFIGS)
     run_demo(configs)
