@@ -823,7 +823,7 @@ def _convert_file(
             seconds = time.perf_counter() - start
             entries[name] = entry
             nbytes = sum(a.nbytes for a in written.values()) + extra
-            _emit(run, _quantized_row(name, arr, stored, info, out_name, nbytes, seconds))
+            _emit(run, _quantized_row(name, arr, stored, info, out_name, nbytes, seconds, run))
             del arr, qt, stored, pieces, written
             f.release(name)
         meta = dict(f.metadata)
@@ -869,7 +869,7 @@ def _kept_row(name: str, info, out_name: str, note: str | None) -> dict:
     }
 
 
-def _quantized_row(name, arr, stored, info, out_name, nbytes, seconds) -> dict:
+def _quantized_row(name, arr, stored, info, out_name, nbytes, seconds, run) -> dict:
     row = {
         "name": name,
         "quantized": True,
@@ -885,7 +885,7 @@ def _quantized_row(name, arr, stored, info, out_name, nbytes, seconds) -> dict:
         "note": None,
     }
     restored = stored.dequantize(np.float32)
-    finite = np.isfinite(arr)
+    finite = np.isfinite(arr) if run.nan == "zero" else np.ones((), bool)  # else checked
     if not finite.all():  # nan="zero": a replaced NaN/Inf counts as its replacement (exact)
         row["nonfinite"] = int(finite.size - np.count_nonzero(finite))
         row["note"] = f"{row['nonfinite']} NaN/Inf replaced (--nan zero)"
