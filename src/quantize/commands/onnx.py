@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import sys
+from contextlib import closing
 from pathlib import Path
 
 from ._args import positive_int
@@ -33,13 +34,18 @@ Methods: rtn rounds to nearest; mse and hqq search each block's scale (and zero 
 without data; awq and gptq run the float model in onnxruntime on calibration inputs
 (--calib: an .npz of arrays keyed by input name, first axis = samples; without it,
 random inputs from the model's input types). awq scales each weight's input channels
-and puts a Mul by 1/s in front of the MatMul; gptq rounds with error feedback.
+and puts a Mul by 1/s in front of the MatMul; gptq rounds with error feedback (rows in
+decreasing activation order, block params from the mse search); awq+gptq tries awq, gptq
+and gptq on awq's scaled weight and keeps, per weight, the one with the smallest output
+error on the calibration inputs. Calibration keeps a K x K float64 Hessian per MatMul
+input; --calib-memory bounds what is held at once (more passes over the inputs instead).
 --target-bits mixes 4 bits at the block size, 4 bits at block 32 (16) and 8 bits per
 weight to keep the error lowest within that many bits per weight (scales included).
 
 MatMulNBits output runs in onnxruntime (com.microsoft domain); QDQ output
 (DequantizeLinear, opset 21) is standard ONNX: models below opset 21 are upgraded.
 Patterns are shell-style globs matched against weight and node names.
+A report goes beside OUT (OUT.report.json, OUT.report.md; --no-report skips it).
 """
 
 
@@ -106,8 +112,8 @@ def add_parser(sub) -> None:
         "--method",
         choices=["rtn", "mse", "hqq", "awq", "gptq", "awq+gptq"],
         default="rtn",
-        help="how codes are chosen: rtn, mse, hqq (data-free); awq, gptq (calibrated) "
-        "(default: rtn)",
+        help="how codes are chosen: rtn, mse, hqq (data-free); awq, gptq, awq+gptq "
+        "(calibrated; awq+gptq: the best of the three per weight) (default: rtn)",
     )
     p.add_argument(
         "--calib",
@@ -134,6 +140,13 @@ def add_parser(sub) -> None:
         "--no-report", action="store_true", help="do not write OUT.report.json / OUT.report.md"
     )
     p.add_argument(
+        "--plot",
+        metavar="IMAGE",
+        help="draw per-tensor SQNR and the worst tensor's error histogram (.png/.svg/.pdf; "
+        "needs matplotlib)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    p.add_argument(
         "--check",
         action="store_true",
         help="run float and quantized model in onnxruntime and print output cosine similarity",
@@ -144,6 +157,22 @@ def add_parser(sub) -> None:
         help="inputs for --check, keyed by input name (default: random inputs); implies --check",
     )
     p.set_defaults(run=run)
+
+
+class _WeightBar:
+    """The progress bar, sized when the first weight reports how many there are."""
+
+    def __init__(self, quiet: bool):
+        from ..progress import ProgressBar
+
+        self.bar = ProgressBar(0, "weights", enabled=False if quiet else None)
+
+    def step(self, name: str, total: int) -> None:
+        self.bar.total = total
+        self.bar(name)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _mib(n: int) -> str:
@@ -161,29 +190,38 @@ def run(args, out=None) -> int:
         raise ValueError(f"{args.inputs}: no such file (--inputs)")
     if args.calib and not os.path.isfile(args.calib):
         raise ValueError(f"{args.calib}: no such file (--calib)")
-    if args.method in ("awq", "gptq") and not args.calib:
+    if args.plot:
+        from ..plot import _check_path
+
+        if args.no_report:
+            raise ValueError("--plot draws the report: drop --no-report")
+        _check_path(args.plot)  # a bad name fails now, not after the work
+    if args.method in ("awq", "gptq", "awq+gptq") and not args.calib:
         print(
             f"quantize onnx: --method {args.method} without --calib: calibrating on random "
             "inputs built from the model's input types",
             file=sys.stderr,
         )
-    result = quantize_onnx_file(
-        args.model,
-        args.output,
-        format=args.format,
-        block_size=args.block_size,
-        output=args.output_type,
-        include=args.include,
-        exclude=args.exclude,
-        exclude_op_types=args.exclude_op_type,
-        accuracy_level=args.accuracy_level,
-        quantize_gather=args.gather,
-        method=args.method,
-        calib=args.calib,
-        target_bits=args.target_bits,
-        calib_memory=int(args.calib_memory * 2**20),
-        overwrite=args.force,
-    )
+    bar = _WeightBar(quiet=args.quiet)
+    with closing(bar):
+        result = quantize_onnx_file(
+            args.model,
+            args.output,
+            format=args.format,
+            block_size=args.block_size,
+            output=args.output_type,
+            include=args.include,
+            exclude=args.exclude,
+            exclude_op_types=args.exclude_op_type,
+            accuracy_level=args.accuracy_level,
+            quantize_gather=args.gather,
+            method=args.method,
+            calib=args.calib,
+            target_bits=args.target_bits,
+            calib_memory=int(args.calib_memory * 2**20),
+            overwrite=args.force,
+            progress=bar.step,
+        )
     rows = [
         {
             "tensor": r["name"],
@@ -241,6 +279,11 @@ def run(args, out=None) -> int:
     if not args.no_report:
         json_path, md_path = _write_report(args, result)
         print(f"report: {json_path}, {md_path}", file=out)
+        if args.plot:
+            from ..plot import plot_report
+            from ..report import read_report
+
+            print(f"plot: {plot_report(read_report(json_path), args.plot)}", file=out)
     if args.check or args.inputs:
         checks = check_models(args.model, args.output, inputs=args.inputs)
         what = args.inputs or "4 random input sets"

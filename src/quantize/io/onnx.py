@@ -36,7 +36,7 @@ import fnmatch
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -353,6 +353,7 @@ def quantize_onnx_model(
     target_bits: float | None = None,
     calib_memory: int | None = CALIB_MEMORY,
     details: dict | None = None,
+    progress: Callable[[str, int], None] | None = None,
 ) -> tuple[onnx.ModelProto, list[dict]]:
     """A copy of `model` with its MatMul/Gemm weights (and Gather tables) in 4 bits.
 
@@ -362,12 +363,17 @@ def quantize_onnx_model(
     and the node's names; exclude_op_types: e.g. ["Gemm"]. accuracy_level: MatMulNBits'
     attribute (0-4; unset by default). quantize_gather: also quantize Gather embeddings.
     details: if a dict, gets "skipped" (what was not quantized and why) and "notes".
+    progress: called as progress(weight name, number of weights) after each weight.
 
     method: how each weight's codes are chosen: "rtn" (round to nearest), "mse" / "hqq"
     (data-free parameter searches), or the calibrated "awq" (per-input-channel scales,
     searched on captured activations: the weight is multiplied by s and a Mul node by 1/s is
-    put in front of its MatMul/Gemm, so the float model computes the same) and "gptq"
-    (error-compensating rounding with the Hessian X^T X of the captured activations).
+    put in front of its MatMul/Gemm, so the float model computes the same), "gptq"
+    (error-compensating rounding with the Hessian X^T X of the captured activations; rows
+    in decreasing activation order, block params from the mse search: `GPTQ_OPTIONS`) and
+    "awq+gptq" (per weight, whichever of awq, gptq and gptq on awq's scaled weight against
+    the Hessian of x / s has the smallest output error on the calibration activations; rows
+    get "picked").
     calib: calibration inputs for the float model (see `calibration.calibration_feeds`): an
     .npz path or dict of arrays keyed by input name, first axis = samples, or a list of feed
     dicts; None: awq/gptq run on random inputs built from the model's input types (a note
@@ -404,6 +410,7 @@ def quantize_onnx_model(
         target_bits=target_bits,
         calib_memory=calib_memory,
         details=details,
+        progress=progress,
     )
     return out, rows
 
@@ -550,6 +557,22 @@ def _capture_groups(
     return groups
 
 
+def _written_bits(qt: QuantizedTensor, output: str, inv_scale: np.ndarray | None) -> float:
+    """Bits per weight as the writer stores `qt`: what `target_bits` budgets. MatMulNBits pads
+    each row's zero points to whole bytes; QDQ packs codes and zero points over the whole
+    tensor without block padding; AWQ's 1/s vector (float32, one per input) counts too."""
+    rows, nb = qt.scales.shape
+    bits = qt.fmt.bits
+    if output == "matmulnbits":
+        data = qt.data.nbytes
+        zp = 0 if qt.zero_points is None else rows * (-(-nb * bits // 8))
+    else:
+        data = -(-qt.size * bits // 8)
+        zp = 0 if qt.zero_points is None else -(-rows * nb * bits // 8)
+    extra = 0 if inv_scale is None else 4 * inv_scale.size
+    return 8 * (data + qt.scales.nbytes + zp + extra) / qt.size
+
+
 def _quantize_weights(
     model: onnx.ModelProto,
     sites: list[_Site],
@@ -564,6 +587,7 @@ def _quantize_weights(
     skipped: list[dict],
     notes: list[str],
     calib_memory: int | None = None,
+    progress: Callable[[str, int], None] | None = None,
 ) -> tuple[dict, dict, dict]:
     """(quantized tensors, report rows, AWQ 1/s), each keyed by (weight, axis).
 
@@ -667,6 +691,8 @@ def _quantize_weights(
             )
             if plan is not None:
                 plans[key] = plan
+            if progress is not None:
+                progress(key[0], len(keys))
         del captured
 
     if not plans:
@@ -678,7 +704,7 @@ def _quantize_weights(
         layers = []
         for i, plan in enumerate(plans.values()):
             opts = [
-                (label, c.qt.bits_per_weight, plan["errors"][label])
+                (label, _written_bits(c.qt, output, c.inv_scale), plan["errors"][label])
                 for label, c in plan["choices"].items()
             ]
             layers.append(LayerChoice(str(i), int(plan["n"]), opts))
@@ -700,6 +726,9 @@ def _quantize_weights(
             recon_kn = c.recon_kn()
             recon = recon_kn if key[1] == 0 else recon_kn.T
         row = _row(key[0], w, c.qt, recon)
+        row["bytes_before"], row["bytes_after"] = int(w.nbytes), int(c.qt.nbytes)
+        if c.inv_scale is not None:  # AWQ's 1/s is stored too
+            row["bytes_after"] += int(c.inv_scale.size * w.dtype.itemsize)
         row["method"] = plan["method"]
         if plan["method"] == "awq+gptq":
             row["picked"] = c.picked
@@ -870,6 +899,7 @@ def _quantize_in_place(
     target_bits: float | None = None,
     calib_memory: int | None = CALIB_MEMORY,
     details: dict | None = None,
+    progress: Callable[[str, int], None] | None = None,
 ) -> list[dict]:
     _check_args(format, block_size, output, accuracy_level, method, target_bits)
     if calib_memory is not None:
@@ -930,6 +960,7 @@ def _quantize_in_place(
         skipped=skipped,
         notes=notes,
         calib_memory=calib_memory,
+        progress=progress,
     )
     sites = [s for s in sites if (s.weight, s.axis) in quantized]
     if not sites:
