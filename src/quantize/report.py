@@ -114,7 +114,8 @@ def tensor_report(name: str, original: np.ndarray, qt: QuantizedTensor) -> dict[
         "shape": list(qt.shape),
         "bits_per_weight": qt.bits_per_weight,
     }
-    row.update(error_stats(original, qt.dequantize(np.float32)))
+    # in slices by a kernel: a float64 copy of a big tensor would cost several times its size
+    row.update(error_stats_chunked(original, qt.dequantize(np.float32)))
     return row
 
 

@@ -63,9 +63,10 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the model to write")
     p.add_argument(
         "--format",
-        choices=["int4", "uint4"],
+        choices=["int4", "uint4", "int4_ort"],
         default="int4",
-        help="int4: symmetric, no zero point; uint4: a zero point per block (default: int4)",
+        help="int4: symmetric, no zero point; uint4: a zero point per block; int4_ort: ONNX "
+        "Runtime's own symmetric rule, the bytes its MatMulNBitsQuantizer writes (default: int4)",
     )
     p.add_argument(
         "--block-size",

@@ -19,8 +19,21 @@ the runtime reads it:
 Gemm keeps its meaning exactly: QDQ leaves the Gemm node alone (alpha, beta, C, transA/B); for
 MatMulNBits it becomes ``[Transpose(A)] -> MatMulNBits -> [Mul alpha] -> [Add C (Mul beta)]``.
 A weight used by several nodes is quantized once and shared; a float weight that something
-else still reads (a non-quantized node, a subgraph, a graph output) is kept. If/Loop/Scan
-bodies are left as they are (their weights are not quantized).
+else still reads (a non-quantized node, a subgraph, a graph output) is kept. A weight reached
+through Identity nodes (constant -> Identity -> ... -> MatMul, as exporters write tied weights)
+is the constant itself: quantized once under the constant's name, and the Identity chain and
+float constant are removed when nothing else reads them. If/Loop/Scan bodies are left as they
+are: their MatMul/Gemm weights stay float, each listed in "skipped" ("inside a subgraph").
+
+``format="int4_ort"`` is ONNX Runtime's own symmetric rule (`formats.integer.OrtInt4`) written
+as ORT writes it: MatMulNBits gets ORT's unsigned codes and signed scales and no zero point,
+byte for byte what onnxruntime's MatMulNBitsQuantizer (is_symmetric=True) writes; QDQ gets
+INT4 codes (ORT's code - 8) and the signed scales (DequantizeLinear allows negative scales).
+
+Files with external data are read lazily (`load_model(lazy=True)`, unless calibration must run
+the model): each weight is read from disk when it is quantized and untouched tensors are copied
+file to file when the output is written, so memory follows the largest tensor and the
+quantized output, not the float model (benchmarks/big_onnx.md).
 
 ORT note: with its default optimizations ORT fuses DequantizeLinear(int4) -> MatMul into a
 MatMulNBits with accuracy_level 4 (activations quantized to int8 on the fly; session config
@@ -38,6 +51,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -51,7 +65,9 @@ from ..report import tensor_report
 from ..tensor import QuantizedTensor
 from .atomic import atomic_path, check_output
 
-FORMATS = ("int4", "uint4")
+#: int4_ort: ONNX Runtime's own symmetric rule (formats.integer.OrtInt4), written as ORT writes
+#: it: unsigned codes with the implicit zero point 8 and signed scales, no zero point tensor
+FORMATS = ("int4", "uint4", "int4_ort")
 METHODS = ("rtn", "mse", "hqq", "awq", "gptq", "awq+gptq")
 #: methods that need activations from calibration runs
 CALIBRATED_METHODS = ("awq", "gptq", "awq+gptq")
@@ -60,7 +76,7 @@ AWQ_SAMPLES = 4096
 #: default bound on the calibration state held at once (Hessians + AWQ rows), bytes
 CALIB_MEMORY = 2 << 30
 #: the 8-bit option of mixed precision, per 4-bit format (MatMulNBits bits=8 / INT8 QDQ)
-EIGHT_BIT = {"int4": "int8", "uint4": "uint8"}
+EIGHT_BIT = {"int4": "int8", "uint4": "uint8", "int4_ort": "int8"}
 OUTPUTS = ("matmulnbits", "qdq")
 QUANTIZABLE_OPS = ("MatMul", "Gemm", "Gather")
 #: blocked DequantizeLinear with INT4/UINT4 needs opset 21, and INT4 needs IR version 10
@@ -219,6 +235,22 @@ def _weight_sources(graph: onnx.GraphProto) -> dict[str, _Weight]:
             for a in node.attribute:
                 if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
                     found[node.output[0]] = _Weight(node.output[0], a.t)
+    # exporters write tied/shared weights as constant -> Identity (-> Identity ...) -> MatMul:
+    # an Identity's output is the constant itself, under the root's name (quantized once)
+    changed = True
+    while changed:  # nodes are topologically sorted, so one pass normally does it
+        changed = False
+        for node in graph.node:
+            if (
+                node.op_type == "Identity"
+                and node.domain in _DEFAULT_DOMAINS
+                and node.input
+                and node.output
+                and node.input[0] in found
+                and node.output[0] not in found
+            ):
+                found[node.output[0]] = found[node.input[0]]
+                changed = True
     return found
 
 
@@ -245,6 +277,7 @@ def _find_sites(
         if len(node.input) <= index or node.input[index] not in weights:
             continue  # an activation, not a weight
         name = node.input[index]
+        root = weights[name].name  # differs from `name` behind Identity nodes
 
         def skip(reason: str, node=node, name=name) -> None:
             skipped.append(
@@ -254,10 +287,10 @@ def _find_sites(
         if node.op_type in exclude_op_types:
             skip(f"op type {node.op_type} excluded")
             continue
-        if include and not _matches(include, name, node.name):
+        if include and not _matches(include, name, root, node.name):
             skip("not matched by an include pattern")
             continue
-        if _matches(exclude, name, node.name):
+        if _matches(exclude, name, root, node.name):
             skip("matched by an exclude pattern")
             continue
         t = weights[name].tensor
@@ -277,12 +310,46 @@ def _find_sites(
             axis = 1
         else:
             axis = 0
-        sites.append(_Site(node, position, index, name, axis))
+        sites.append(_Site(node, position, index, root, axis))
     return sites
+
+
+def _skip_subgraph_weights(
+    graph: onnx.GraphProto, quantize_gather: bool, skipped: list[dict]
+) -> None:
+    """A "skipped" row for each MatMul/Gemm (Gather) in an If/Loop/Scan body reading a constant.
+
+    Bodies are left float on purpose: their weights may live in the body or in any enclosing
+    graph, and rewriting them (new initializers in the right scope, outer names kept
+    resolvable) is not done here; the rest of the model is quantized as usual.
+    """
+    ops = [op for op in QUANTIZABLE_OPS if op != "Gather" or quantize_gather]
+
+    def walk(g: onnx.GraphProto, visible: set[str], inside: bool) -> None:
+        visible = visible | set(_weight_sources(g))
+        for node in g.node:
+            if inside and node.domain in _DEFAULT_DOMAINS and node.op_type in ops:
+                index = 0 if node.op_type == "Gather" else 1
+                if len(node.input) > index and node.input[index] in visible:
+                    skipped.append(
+                        {
+                            "name": node.input[index],
+                            "node": node.name,
+                            "op_type": node.op_type,
+                            "reason": f"inside a subgraph ({node.op_type} in an If/Loop/Scan "
+                            "body is left float)",
+                        }
+                    )
+            for sub in _subgraphs(node):
+                walk(sub, visible, True)
+
+    walk(graph, set(), False)
 
 
 def _weight_array(w: _Weight) -> np.ndarray:
     t = w.tensor
+    if t.data_location == TensorProto.EXTERNAL and _lazy_ref(t) is not None:
+        return _read_external(t)
     if t.data_location == TensorProto.EXTERNAL:
         raise ValueError(
             f"tensor {w.name!r} has external data that is not loaded "
@@ -312,6 +379,13 @@ def _with_scale_dtype(qt: QuantizedTensor, dtype: np.dtype) -> QuantizedTensor:
     if not (np.isfinite(s32).all() and (s32 > 0).all()):
         raise ValueError(f"block scales do not fit in {np.dtype(dtype).name}")
     return dataclasses.replace(qt, scales=scales)
+
+
+def _ort_view(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray]:
+    """An int4_ort tensor as ORT stores it: (unsigned codes (rows, nb, bs), signed scales)."""
+    from ..formats.integer import OrtInt4
+
+    return OrtInt4.to_ort(qt.codes(), qt.scales, qt.zero_points)
 
 
 def _int4_tensor(name: str, codes: np.ndarray, signed: bool) -> TensorProto:
@@ -357,7 +431,8 @@ def quantize_onnx_model(
 ) -> tuple[onnx.ModelProto, list[dict]]:
     """A copy of `model` with its MatMul/Gemm weights (and Gather tables) in 4 bits.
 
-    format: "int4" (symmetric) or "uint4" (zero point per block); block_size along K (for
+    format: "int4" (symmetric), "uint4" (zero point per block) or "int4_ort" (ORT's own
+    symmetric rule and layout: signed scales, no zero points); block_size along K (for
     MatMulNBits a power of two >= 16); output: "matmulnbits" (ORT contrib op) or "qdq"
     (DequantizeLinear, opset 21). include/exclude: glob patterns matched against the weight's
     and the node's names; exclude_op_types: e.g. ["Gemm"]. accuracy_level: MatMulNBits'
@@ -563,12 +638,14 @@ def _written_bits(qt: QuantizedTensor, output: str, inv_scale: np.ndarray | None
     tensor without block padding; AWQ's 1/s vector (float32, one per input) counts too."""
     rows, nb = qt.scales.shape
     bits = qt.fmt.bits
+    # int4_ort's zero points only carry the scale's sign: written as signed scales instead
+    no_zp = qt.zero_points is None or qt.format == "int4_ort"
     if output == "matmulnbits":
         data = qt.data.nbytes
-        zp = 0 if qt.zero_points is None else rows * (-(-nb * bits // 8))
+        zp = 0 if no_zp else rows * (-(-nb * bits // 8))
     else:
         data = -(-qt.size * bits // 8)
-        zp = 0 if qt.zero_points is None else -(-rows * nb * bits // 8)
+        zp = 0 if no_zp else -(-rows * nb * bits // 8)
     extra = 0 if inv_scale is None else 4 * inv_scale.size
     return 8 * (data + qt.scales.nbytes + zp + extra) / qt.size
 
@@ -727,6 +804,8 @@ def _quantize_weights(
             recon = recon_kn if key[1] == 0 else recon_kn.T
         row = _row(key[0], w, c.qt, recon)
         row["bytes_before"], row["bytes_after"] = int(w.nbytes), int(c.qt.nbytes)
+        if c.qt.format == "int4_ort":  # written without zero points (signed scales instead)
+            row["bytes_after"] -= c.qt._zero_point_bytes()
         if c.inv_scale is not None:  # AWQ's 1/s is stored too
             row["bytes_after"] += int(c.inv_scale.size * w.dtype.itemsize)
         row["method"] = plan["method"]
@@ -917,7 +996,7 @@ def _quantize_in_place(
 
     def find() -> list[_Site]:
         skipped.clear()
-        return _find_sites(
+        found = _find_sites(
             model.graph,
             _weight_sources(model.graph),
             include=include,
@@ -926,6 +1005,8 @@ def _quantize_in_place(
             quantize_gather=quantize_gather,
             skipped=skipped,
         )
+        _skip_subgraph_weights(model.graph, quantize_gather, skipped)
+        return found
 
     sites = find()
     if not sites:
@@ -943,7 +1024,6 @@ def _quantize_in_place(
 
     graph = model.graph
     weights = _weight_sources(graph)
-    uses = _use_counts(graph)
     namer = _Namer(_all_names(model))
 
     # quantize each (weight, axis) once
@@ -971,8 +1051,36 @@ def _quantize_in_place(
     nbits_inputs: dict[tuple[str, int], list[str]] = {}
     dq_outputs: dict[tuple[str, int], str] = {}
     pending_dq: dict[tuple[str, int], onnx.NodeProto] = {}
+    # once a weight's initializers are made, only its shape and types are needed: the codes
+    # and scales are dropped so they are not held twice (memory: see benchmarks/big_onnx.md)
+    needs: dict[tuple[str, int], set[str]] = {}
+    for s in sites:
+        kind = "dq" if output == "qdq" or s.node.op_type == "Gather" else "nbits"
+        needs.setdefault((s.weight, s.axis), set()).add(kind)
+
+    def made(key, kind: str) -> None:
+        needs[key].discard(kind)
+        if not needs[key]:
+            qt = quantized[key]
+            quantized[key] = SimpleNamespace(  # what matmulnbits()/rewrite() still read
+                shape=qt.shape,
+                scales=np.broadcast_to(np.zeros((), qt.scales.dtype), qt.scales.shape),
+                fmt=qt.fmt,
+                block_size=qt.block_size,
+                format=qt.format,
+            )
 
     def nbits_for(key) -> list[str]:
+        if key not in nbits_inputs and quantized[key].format == "int4_ort":
+            qt = quantized[key]
+            codes, scales = _ort_view(qt)
+            n_rows, nb = scales.shape
+            packed = pack_nibbles(codes.reshape(n_rows, -1)).reshape(n_rows, nb, -1)
+            b = numpy_helper.from_array(packed, namer(f"{key[0]}_Q4"))
+            s = numpy_helper.from_array(scales, namer(f"{key[0]}_scales"))
+            new_inits.extend([b, s])
+            nbits_inputs[key] = [b.name, s.name]
+            made(key, "nbits")
         if key not in nbits_inputs:
             qt = quantized[key]
             bits = qt.fmt.bits
@@ -993,6 +1101,7 @@ def _quantize_in_place(
                 new_inits.append(z)
                 names.append(z.name)
             nbits_inputs[key] = names
+            made(key, "nbits")
         return nbits_inputs[key]
 
     def dq_for(key) -> str:
@@ -1002,11 +1111,17 @@ def _quantize_in_place(
             signed = qt.zero_points is None
             n = qt.shape[axis]
             codes = from_blocks(qt.codes(), n, axis)  # back in the weight's own layout
+            scales = qt.scales_along_axis()
+            if qt.format == "int4_ort":  # ORT's codes - 8 as INT4, its signed scales (legal)
+                ort_codes, ort_scales = _ort_view(qt)
+                codes = from_blocks(ort_codes.astype(np.int8) - 8, n, axis)
+                scales = params_to_axis(ort_scales, axis)
+                signed = True
             if qt.fmt.bits == 4:
                 q = _int4_tensor(namer(f"{name}_Q4"), codes, signed)
             else:
                 q = numpy_helper.from_array(np.ascontiguousarray(codes), namer(f"{name}_Q8"))
-            s = numpy_helper.from_array(qt.scales_along_axis(), namer(f"{name}_scales"))
+            s = numpy_helper.from_array(np.ascontiguousarray(scales), namer(f"{name}_scales"))
             inputs = [q.name, s.name]
             new_inits.extend([q, s])
             if not signed:
@@ -1028,6 +1143,7 @@ def _quantize_in_place(
                 axis=axis,
                 block_size=qt.block_size,
             )
+            made(key, "dq")
         return dq_outputs[key]
 
     def scalar(value: float, dtype: np.dtype, base: str) -> str:
@@ -1126,10 +1242,6 @@ def _quantize_in_place(
 
     # rebuild the node list
     by_position = {s.position: s for s in sites}
-    removed_uses: dict[str, int] = {}
-    for s in sites:
-        removed_uses[s.weight] = removed_uses.get(s.weight, 0) + 1
-    gone = {name for name, n in removed_uses.items() if uses.get(name, 0) == n}
     new_nodes: list[onnx.NodeProto] = []
     for position, node in enumerate(graph.node):
         site = by_position.get(position)
@@ -1139,21 +1251,16 @@ def _quantize_in_place(
             if key in pending_dq:
                 new_nodes.append(pending_dq.pop(key))
             new_nodes.extend(replacement)
-        elif node.op_type == "Constant" and node.output and node.output[0] in gone:
-            continue
         else:
             new_nodes.append(node)
     del graph.node[:]
     graph.node.extend(new_nodes)
+    gone = _drop_dead_weights(graph, {s.weight for s in sites}, weights)
 
     # drop float weights nobody reads any more
     kept = [t for t in graph.initializer if t.name not in gone]
     del graph.initializer[:]
     graph.initializer.extend([*kept, *new_inits])
-    for field in (graph.input, graph.value_info):
-        keep = [v for v in field if v.name not in gone]
-        del field[:]
-        field.extend(keep)
 
     if model.ir_version < 4:  # IR < 4 wants every initializer listed as a graph input
         notes.append(f"IR version {model.ir_version} -> 4 (initializers need not be inputs)")
@@ -1173,6 +1280,51 @@ def _quantize_in_place(
     for name in sorted({k[0] for k in rows} - gone):
         notes.append(f"{name}: the float weight is kept too (other nodes still read it)")
     return result
+
+
+def _drop_dead_weights(
+    graph: onnx.GraphProto, roots: set[str], weights: dict[str, _Weight]
+) -> set[str]:
+    """Remove the quantized weights' float constants, and Identity nodes passing them on, that
+    nothing reads any more (subgraphs and graph outputs count as readers).
+
+    Only those are touched; anything else unused stays as the model had it. Returns the names
+    of the roots removed (their initializers are left for the caller to drop)."""
+    uses = _use_counts(graph)
+    aliases = {n for n, w in weights.items() if w.name in roots and n != w.name}
+    dead: set[str] = set()  # names of outputs/constants that go
+    changed = True
+    while changed:  # an Identity chain dies from its far end back to the constant
+        changed = False
+        for node in graph.node:
+            out = node.output[0] if node.output else ""
+            if (
+                out in aliases
+                and out not in dead
+                and node.op_type == "Identity"
+                and uses.get(out, 0) == 0
+            ):
+                dead.add(out)
+                uses[node.input[0]] = uses.get(node.input[0], 0) - 1
+                changed = True
+    gone = {r for r in roots if uses.get(r, 0) <= 0}
+    dead |= gone
+    keep = [
+        n
+        for n in graph.node
+        if not (
+            n.output
+            and n.output[0] in dead
+            and (n.op_type == "Identity" or n.op_type == "Constant")
+        )
+    ]
+    del graph.node[:]
+    graph.node.extend(keep)
+    for field in (graph.input, graph.value_info):
+        left = [v for v in field if v.name not in dead]
+        del field[:]
+        field.extend(left)
+    return gone
 
 
 # --------------------------------------------------------------------------------------------
@@ -1231,9 +1383,85 @@ def _check_lengths(model: onnx.ModelProto, path: Path) -> None:
             )
 
 
-def load_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[Path]]:
+#: the external_data key under which a lazily loaded tensor keeps its data file's absolute
+#: path (its "location" stays as it was); never written out: `save_model` copies the bytes
+_LAZY_KEY = "quantize.lazy_path"
+_COPY_CHUNK = 64 << 20
+
+
+def _ext_info(t: TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _lazy_ref(t: TensorProto) -> tuple[Path, int, int] | None:
+    """(absolute data file, offset, length) of a lazily loaded external tensor, else None."""
+    info = _ext_info(t)
+    if _LAZY_KEY not in info:
+        return None
+    return Path(info[_LAZY_KEY]), int(info.get("offset", 0)), int(info["length"])
+
+
+def _read_external(t: TensorProto) -> np.ndarray:
+    """A lazily loaded tensor's array, read from its data file now (nothing is cached)."""
+    path, offset, length = _lazy_ref(t)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
+    count = int(np.prod(t.dims, dtype=np.int64))
+    if count * dtype.itemsize != length:
+        raise ValueError(f"tensor {t.name!r}: {length} bytes of data for shape {list(t.dims)}")
+    with open(path, "rb") as f:
+        f.seek(offset)
+        a = np.fromfile(f, dtype=dtype, count=count)
+    if a.size != count:
+        raise ValueError(f"tensor {t.name!r}: its data file {path} is truncated")
+    return a.astype(a.dtype.newbyteorder("="), copy=False).reshape(tuple(t.dims))
+
+
+def _attach_lazily(model: onnx.ModelProto, base: Path, path: Path) -> None:
+    """Point each external tensor at its data file (absolute, checked) without reading it.
+
+    The same checks as loading would make: a location is relative and stays inside the
+    model's folder, and offset + length lie within the file, whose length matches the shape.
+    """
+    for t in _tensors(model):
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = _ext_info(t)
+        loc = info.get("location", "")
+        # judged as written (not resolved: a data file may be a symlink, as in HF's cache)
+        norm = os.path.normpath(loc) if loc else ""
+        if not loc or os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep):
+            raise ValueError(f"{path}: tensor {t.name!r}: bad external data location {loc!r}")
+        where = (base / norm).absolute()
+        size = where.stat().st_size
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else size - offset
+        except ValueError:
+            msg = f"tensor {t.name!r}: bad external data offset/length"
+            raise ValueError(f"{path}: {msg}") from None
+        bits = _bits(t.data_type)
+        need = None if bits is None else -(-int(np.prod(t.dims, dtype=np.int64)) * bits // 8)
+        if offset < 0 or length < 0 or offset + length > size or (need and length != need):
+            raise ValueError(
+                f"{path}: tensor {t.name!r}: external data out of range or of the wrong "
+                f"length (offset {offset}, length {length}, file {size} bytes; truncated?)"
+            )
+        for key, value in ((_LAZY_KEY, str(where)), ("length", str(length))):
+            if key in info:
+                next(e for e in t.external_data if e.key == key).value = value
+            else:
+                t.external_data.add(key=key, value=value)
+
+
+def load_model(
+    path: str | os.PathLike, *, lazy: bool = False
+) -> tuple[onnx.ModelProto, set[Path]]:
     """(model with all tensor data in memory, the external data files it was read from).
 
+    lazy: external data is not read; each such tensor keeps a reference to its (checked) bytes,
+    read when that weight is quantized, and `save_model` copies the untouched ones file to
+    file, so memory stays near the largest tensor rather than the model. ORT cannot run a
+    lazily loaded model from memory (calibration needs lazy=False).
     ValueError naming the file for a missing path, a file onnx cannot parse, a model without a
     graph or opset, and missing or truncated external data.
     """
@@ -1250,7 +1478,7 @@ def load_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[Path]]:
         ) from None
     if not model.HasField("graph") or not model.opset_import:
         raise ValueError(f"{path}: not a complete ONNX model (no graph or no opset)")
-    base = path.resolve().parent
+    base = path.absolute().parent  # as onnx.load does: the folder the path names
     try:
         files = _external_files(model, base)
     except (ValueError, OSError) as exc:  # also a NUL byte or a loop in a location
@@ -1259,6 +1487,10 @@ def load_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[Path]]:
         missing = sorted(str(f) for f in files if not f.is_file())
         if missing:
             raise ValueError(f"{path}: external data file(s) missing: {', '.join(missing)}")
+        if lazy:
+            _attach_lazily(model, base, path)
+            _check_lengths(model, path)
+            return model, files
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(base))
         except Exception as exc:
@@ -1272,8 +1504,72 @@ def load_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, set[Path]]:
 def _tensor_bytes(model: onnx.ModelProto) -> int:
     total = 0
     for t in _tensors(model):
-        total += len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
+        ref = _lazy_ref(t) if t.data_location == TensorProto.EXTERNAL else None
+        if ref is not None:
+            total += ref[2]
+        else:
+            total += len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
     return total
+
+
+def _set_external(t: TensorProto, location: str, offset: int, length: int) -> None:
+    del t.external_data[:]
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        t.external_data.add(key=key, value=str(value))
+
+
+def _materialize(model: onnx.ModelProto) -> None:
+    """Read every lazily loaded tensor into the proto (for a single-file output)."""
+    for t in _tensors(model):
+        if t.data_location == TensorProto.EXTERNAL and _lazy_ref(t) is not None:
+            src, offset, length = _lazy_ref(t)
+            with open(src, "rb") as f:
+                f.seek(offset)
+                t.raw_data = f.read(length)
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+
+
+def _write_external(model: onnx.ModelProto, model_path: Path, data_name: str) -> bool:
+    """Write the model's tensors of 1 KiB or more to `data_name` beside `model_path`, one at a
+    time (in-memory ones are moved out of the proto; lazily loaded ones are copied in chunks
+    from their file), then the model. Offsets are 4 KiB aligned (ORT can map them).
+    Returns whether a data file was written."""
+    data_path = model_path.with_name(data_name)
+    pos = 0
+    f = None
+    try:
+        for t in _tensors(model):
+            ref = _lazy_ref(t) if t.data_location == TensorProto.EXTERNAL else None
+            if ref is None and not (t.HasField("raw_data") and len(t.raw_data) >= 1024):
+                continue
+            if f is None:
+                f = open(data_path, "wb")  # noqa: SIM115 (closed below)
+            pos = -(-pos // 4096) * 4096
+            f.seek(pos)
+            if ref is None:
+                length = len(t.raw_data)
+                f.write(t.raw_data)
+                t.ClearField("raw_data")
+            else:
+                src, offset, length = ref
+                with open(src, "rb") as g:
+                    g.seek(offset)
+                    left = length
+                    while left:
+                        chunk = g.read(min(left, _COPY_CHUNK))
+                        if not chunk:
+                            raise ValueError(f"tensor {t.name!r}: {src} is truncated")
+                        f.write(chunk)
+                        left -= len(chunk)
+            _set_external(t, data_name, pos, length)
+            pos += length
+    finally:
+        if f is not None:
+            f.close()
+    onnx.save_model(model, str(model_path), format="protobuf")
+    return f is not None
 
 
 def save_model(
@@ -1295,6 +1591,7 @@ def save_model(
     if external_data is None:
         external_data = _tensor_bytes(model) > EXTERNAL_DATA_LIMIT
     if not external_data:
+        _materialize(model)
         with atomic_path(out) as tmp:
             onnx.save_model(model, str(tmp), format="protobuf")
         return [out]
@@ -1302,18 +1599,9 @@ def save_model(
     data = check_output(out.with_name(data_name), *inputs)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        onnx.save_model(
-            model,
-            str(tmpdir / out.name),
-            format="protobuf",
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data_name,
-            size_threshold=1024,
-        )
         written = [data, out]
-        if not (tmpdir / data_name).exists():  # every tensor was small: no data file
-            written = [out]
+        if not _write_external(model, tmpdir / out.name, data_name):
+            written = [out]  # every tensor was small: no data file
         for final in written:
             with atomic_path(final) as tmp:
                 os.replace(tmpdir / final.name, tmp)
@@ -1346,7 +1634,10 @@ def quantize_onnx_file(
     if not src.exists():
         raise ValueError(f"{src}: no such file")
     out = check_output(dst, src, overwrite=overwrite)
-    model, data_files = load_model(src)
+    # external data is read tensor by tensor unless ORT has to run the model (calibration)
+    method = str(options.get("method", "rtn")).lower()
+    lazy = options.get("calib") is None and method not in CALIBRATED_METHODS
+    model, data_files = load_model(src, lazy=lazy)
     check_output(out, *data_files)
     details: dict = {}
     try:
