@@ -1,7 +1,8 @@
 """Data-free methods "mse" and "hqq": never worse than round to nearest on their objective.
 
-The objective of both is a block's squared error as `mse.squared_error` computes it (decoded in
-the compute dtype, squares and sum in float64, padding not scored). Property tests run every
+hqq's objective is a block's squared error as `mse.squared_error` computes it (decoded in the
+compute dtype, squares and sum in float64, padding not scored); mse's is `mse.search_error`, that
+plus dc_weight times the square of the error's sum. Property tests run every
 registered format on random, heavy-tailed, odd-length, all-zero and constant data; the mse
 kernel is held to its NumPy twin bit for bit and to thread-count independence.
 """
@@ -16,7 +17,14 @@ from hypothesis import strategies as st
 from quantize import quantize_tensor
 from quantize.algorithms import available_methods, get_method
 from quantize.algorithms.hqq import HalfQuadratic, shrink_lp
-from quantize.algorithms.mse import MSESearch, block_sse, ratio_grid, squared_error
+from quantize.algorithms.mse import (
+    MSE,
+    MSESearch,
+    block_sse,
+    ratio_grid,
+    search_error,
+    squared_error,
+)
 from quantize.blocking import n_blocks, to_blocks
 from quantize.formats import available_formats, get_format
 
@@ -43,15 +51,16 @@ def _data(kind: str, seed: int, rows: int, n: int, dtype=np.float32) -> np.ndarr
     return x.astype(dtype)
 
 
-def per_block_sse(fmt_name: str, x: np.ndarray, qt) -> np.ndarray:
-    """The objective of each block of x (rows, n) under qt's parameters."""
+def per_block_sse(fmt_name: str, x: np.ndarray, qt, dc_weight: float = 0.0) -> np.ndarray:
+    """The objective of each block of x (rows, n) under qt's parameters (mse's with dc_weight)."""
     fmt = get_format(fmt_name)
     bs, n = qt.block_size, x.shape[-1]
     dt = np.float64 if x.dtype == np.float64 else np.float32
     blocks = to_blocks(x.astype(dt), bs, -1)
     pad = n_blocks(n, bs) * bs - n
-    return squared_error(
-        fmt, blocks, qt.scales, qt.zero_points, qt.tensor_scale, bs - pad if pad else None
+    return search_error(
+        fmt, blocks, qt.scales, qt.zero_points, qt.tensor_scale, bs - pad if pad else None,
+        dc_weight,
     )
 
 
@@ -74,6 +83,9 @@ def test_registered():
         (lambda: MSESearch(steps=2.5), TypeError, "steps"),
         (lambda: MSESearch(lowest=0), ValueError, "lowest"),
         (lambda: MSESearch(lowest="0.5"), TypeError, "lowest"),
+        (lambda: MSESearch(dc_weight=-1), ValueError, "dc_weight"),
+        (lambda: MSESearch(dc_weight=float("inf")), ValueError, "dc_weight"),
+        (lambda: MSESearch(dc_weight="1"), TypeError, "dc_weight"),
         (lambda: HalfQuadratic(iterations=-1), ValueError, "iterations"),
         (lambda: HalfQuadratic(iterations=True), TypeError, "iterations"),
         (lambda: HalfQuadratic(p=1.5), ValueError, "p"),
@@ -94,6 +106,18 @@ def test_grid():
     g = ratio_grid(0.8, 5, 0.5)
     assert g[0] == 0.8 and np.isclose(g[-1], 0.4) and g == sorted(g, reverse=True)
     assert ratio_grid(1.0, 1) == [1.0]
+
+
+def test_search_error_adds_the_error_sum():
+    fmt = get_format("int4")
+    x = np.array([[[0.05, 0.3, 0.7, -0.2]]], np.float32)
+    s = np.array([[0.1]], np.float32)  # codes 0 (a tie, to even), 3, 7, -2
+    e = np.array([0.0, 0.3, 0.7, -0.2], np.float32).astype(np.float64) - x[0, 0].astype(np.float64)
+    assert squared_error(fmt, x, s, None)[0, 0] == search_error(fmt, x, s, None, dc_weight=0)
+    want = block_sse(e * e) + 2.5 * block_sse(e) ** 2
+    assert search_error(fmt, x, s, None, dc_weight=2.5)[0, 0] == want
+    # the last block's padding is in neither sum
+    assert search_error(fmt, x, s, None, last_valid=1, dc_weight=3.0)[0, 0] == 4.0 * e[0] ** 2
 
 
 def test_block_sse_is_sequential():
@@ -129,12 +153,13 @@ def test_never_worse_than_rtn(method, fmt, kind, seed, rows, n, bs, clip):
         x = x * np.float32(2.0**100)  # nvfp4's tensor scale needs a float32-normal amax / 2688
     rtn = quantize_tensor(x, fmt, bs, clip_ratio=clip)
     got = quantize_tensor(x, fmt, bs, clip_ratio=clip, method=method)
-    e_rtn, e_got = per_block_sse(fmt, x, rtn), per_block_sse(fmt, x, got)
+    dc = MSE.dc_weight_for(fmt) if method == "mse" else 0.0
+    e_rtn, e_got = per_block_sse(fmt, x, rtn, dc), per_block_sse(fmt, x, got, dc)
     assert np.all(e_got <= e_rtn), (e_got - e_rtn).max()
-    # and the stored tensor says the same, to dequantization's rounding
     d_rtn = ((rtn.dequantize(np.float64) - x) ** 2).sum()
     d_got = ((got.dequantize(np.float64) - x) ** 2).sum()
-    assert d_got <= d_rtn * (1 + 1e-5) + 1e-300
+    if method == "hqq":  # and the stored tensor says the same, to dequantization's rounding
+        assert d_got <= d_rtn * (1 + 1e-5) + 1e-300
     if kind == "zeros":
         assert d_got == 0
 
@@ -143,9 +168,11 @@ def test_never_worse_than_rtn(method, fmt, kind, seed, rows, n, bs, clip):
 @pytest.mark.parametrize("fmt", ["int4", "uint4", "nf4", "int4_affine", "mxfp4", "nvfp4"])
 def test_float64_and_other_axes(method, fmt):
     x = _data("student-t", 7, 6, 50, np.float64).reshape(6, 5, 10)
+    # mse with plain squared error, so that the whole tensor's error can be compared
+    m = MSESearch(dc_weight=0.0) if method == "mse" else method
     for axis in (0, 1, -1):
         rtn = quantize_tensor(x, fmt, 4, axis=axis)
-        got = quantize_tensor(x, fmt, 4, axis=axis, method=method)
+        got = quantize_tensor(x, fmt, 4, axis=axis, method=m)
         assert got.scales.dtype == rtn.scales.dtype and got.scales.shape == rtn.scales.shape
         e_rtn = ((rtn.dequantize(np.float64) - x) ** 2).sum()
         e_got = ((got.dequantize(np.float64) - x) ** 2).sum()
@@ -169,7 +196,9 @@ def test_heavy_tails_gain(fmt, method, gain):
     x = np.random.default_rng(3).standard_t(4, (256, 512)).astype(np.float32)
     bs = 16 if fmt == "nvfp4" else 32
     base = _sqnr(x, quantize_tensor(x, fmt, bs))
-    assert _sqnr(x, quantize_tensor(x, fmt, bs, method=method)) >= base + gain
+    # plain squared error (dc_weight 0): the sum(e)^2 term trades some SQNR for a smaller sum(e)
+    m = MSESearch(dc_weight=0.0) if method == "mse" else method
+    assert _sqnr(x, quantize_tensor(x, fmt, bs, method=m)) >= base + gain
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -182,6 +211,7 @@ def _same(a, b) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and same_bytes
 
 
+@pytest.mark.parametrize("dc", [None, 0.0])  # None: the default objective
 @pytest.mark.parametrize("fmt", ["int4", "uint4"])
 @settings(max_examples=60, deadline=None)
 @given(
@@ -192,16 +222,16 @@ def _same(a, b) -> bool:
     bs=st.sampled_from([1, 2, 5, 8, 16, 32, 33, 64, None]),
     clip=st.sampled_from([1.0, 0.7, 1e-3]),
 )
-def test_kernel_equals_numpy(fmt, kind, seed, rows, n, bs, clip):
+def test_kernel_equals_numpy(fmt, dc, kind, seed, rows, n, bs, clip):
     pytest.importorskip("numba")
     if kind == "huge":
         x = (_data("normal", seed, rows, n).astype(np.float64) * 1e38).clip(-3.4e38, 3.4e38)
         x = x.astype(np.float32)
     else:
         x = _data(kind, seed, rows, n)
-    m = get_method("mse")
+    m = get_method("mse") if dc is None else MSESearch(dc_weight=dc)
     got = m.quantize_rows(fmt, x, bs, clip)
-    want = quantize_tensor(x, fmt, bs, clip_ratio=clip, method="mse")  # small: the NumPy path
+    want = quantize_tensor(x, fmt, bs, clip_ratio=clip, method=m)  # small: the NumPy path
     assert _same(got[0], want.data) and _same(got[1], want.scales)
     assert _same(got[2], want.zero_points)
 

@@ -6,11 +6,12 @@ max), then for each ratio of the grid the format's scale rule applied to the shr
 the block's squared error with those params, and the params with the least error (strictly
 less: ties keep the larger range); then codes and packing as `int4.quantize_int4` does.
 
-The squared error follows `algorithms.mse.block_sse` exactly: the decoded value
-code * scale (float32, as `decode` computes it), its difference from x and the square in float64,
-added in order of the elements. All candidates of a block are scored in one pass over it, the
-candidates being the inner loop: a map over small arrays of scales and sums that LLVM vectorises
-(a sum over the elements would not vectorise without reassociation; no fast-math here).
+The objective follows `algorithms.mse.search_error` exactly: the decoded value code * scale
+(float32, as `decode` computes it), its difference from x and the square in float64, both added
+in order of the elements (`block_sse`), then sum(e^2) + dc_weight * sum(e)^2. All candidates of
+a block are scored in one pass over it, the candidates being the inner loop: a map over small
+arrays of scales and sums that LLVM vectorises (a sum over the elements would not vectorise
+without reassociation; no fast-math here).
 
 Codes are clamped in float before the conversion to int, so a tiny clip_ratio (x / scale far
 beyond the int32 range) still gives NumPy's clipped code.
@@ -54,9 +55,8 @@ def _uint4_code(v, scale, zpf):
 
 
 @njit(inline="always")
-def _e2(x, deq):
-    d = np.float64(deq) - np.float64(x)
-    return d * d
+def _diff(x, deq):
+    return np.float64(deq) - np.float64(x)
 
 
 @njit(inline="always")
@@ -65,17 +65,19 @@ def _uint4_deq(v, scale, zpf):
 
 
 @njit(inline="always")
-def _approx_all(xb, sk, ik, zk, acc, signed):
+def _approx_all(xb, sk, ik, zk, acc, acc1, dcw, signed):
     """acc[k] = `mse.approx_sse` of the block at scale sk[k] (ik[k] = 1 / sk[k], zk[k] the zero
-    point, float32): codes rint(x * ik[k]), squares and sums in float32, in order of the elements.
+    point, float32): codes rint(x * ik[k]), squares and sums in float32, in order of the elements
+    (acc1: the sums of the differences), then acc + dcw * acc1^2 in float32 (dcw != 0).
 
     Candidates are the inner loop: each element is loaded once and scored against _LANES of
     them, a float32 map with a constant trip count that LLVM vectorises whole (a sum over the
     elements would not vectorise without reassociation, and there is no fast-math here)."""
     for k in range(sk.shape[0]):
         acc[k] = _ZERO
+        acc1[k] = _ZERO
     for p0 in range(0, sk.shape[0], _LANES):
-        s_, i_, z_, a_ = sk[p0:], ik[p0:], zk[p0:], acc[p0:]
+        s_, i_, z_, a_, b_ = sk[p0:], ik[p0:], zk[p0:], acc[p0:], acc1[p0:]
         if signed:
             for j in range(xb.shape[0]):
                 v = _load(xb, j)
@@ -83,6 +85,7 @@ def _approx_all(xb, sk, ik, zk, acc, signed):
                     c = min(max(np.rint(v * i_[k]), np.float32(-8.0)), _SEVEN)
                     d = c * s_[k] - v
                     a_[k] += d * d
+                    b_[k] += d
         else:
             for j in range(xb.shape[0]):
                 v = _load(xb, j)
@@ -90,29 +93,36 @@ def _approx_all(xb, sk, ik, zk, acc, signed):
                     c = min(max(np.rint(v * i_[k]) + z_[k], _ZERO), _FIFTEEN)
                     d = (c - z_[k]) * s_[k] - v
                     a_[k] += d * d
+                    b_[k] += d
+    if dcw != _ZERO:
+        for k in range(sk.shape[0]):
+            acc[k] = acc[k] + dcw * (acc1[k] * acc1[k])
 
 
 @njit(inline="always")
-def _exact(xb, scale, zpf, signed):
-    """`mse.squared_error` of the block: the format's own codes (a true division), decoded in
-    float32, differences, squares and the sum (in order) in float64."""
+def _exact(xb, scale, zpf, dcw, signed):
+    """`mse.search_error` of the block: the format's own codes (a true division), decoded in
+    float32, differences, squares and the sums (in order) in float64."""
     acc = 0.0
+    acc1 = 0.0
     for j in range(xb.shape[0]):
         v = _load(xb, j)
         if signed:
-            acc += _e2(v, _int4_code(v, scale) * scale)
+            d = _diff(v, _int4_code(v, scale) * scale)
         else:
-            acc += _e2(v, _uint4_deq(v, scale, zpf))
-    return acc
+            d = _diff(v, _uint4_deq(v, scale, zpf))
+        acc += d * d
+        acc1 += d
+    return acc + np.float64(dcw) * (acc1 * acc1)
 
 
 @njit(inline="always")
-def _choose(xb, sk, ik, zk, acc, nr, signed):
+def _choose(xb, sk, ik, zk, acc, acc1, dcw, nr, signed):
     """Index of the chosen candidate (`mse.approx_sse` ranks them; see `mse._pick_two_stage`):
-    the first least approximate error; kept outright when it beats round to nearest's (candidate
-    0) by more than the approximation's error bound (`mse.sure_margin`), else only if its exact
-    error is strictly below round to nearest's; otherwise 0."""
-    _approx_all(xb, sk, ik, zk, acc, signed)
+    the first least approximate error; kept outright when dcw is 0 and it beats round to
+    nearest's (candidate 0) by more than the approximation's error bound (`mse.sure_margin`),
+    else only if its exact error is strictly below round to nearest's; otherwise 0."""
+    _approx_all(xb, sk, ik, zk, acc, acc1, dcw, signed)
     best = 0
     for k in range(nr):
         if not np.isfinite(ik[k]):  # 1/scale overflows (subnormal scales): not scored
@@ -123,9 +133,9 @@ def _choose(xb, sk, ik, zk, acc, nr, signed):
         return 0
     ar = np.float64(acc[0])
     margin = 1e-3 + 8.0 * xb.shape[0] * 2.0**-24
-    if np.isfinite(ar) and np.float64(acc[best]) < ar * (1.0 - margin):
+    if dcw == _ZERO and np.isfinite(ar) and np.float64(acc[best]) < ar * (1.0 - margin):
         return best
-    if _exact(xb, sk[best], zk[best], signed) < _exact(xb, sk[0], zk[0], signed):
+    if _exact(xb, sk[best], zk[best], dcw, signed) < _exact(xb, sk[0], zk[0], dcw, signed):
         return best
     return 0
 
@@ -241,11 +251,11 @@ def _pack_item(xr, pr, sr, zr, b0, b1, bs, n, signed):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def mse_int4(x, packed, scales, ratios, nr, bs, chunk):
+def mse_int4(x, packed, scales, ratios, nr, dcw, bs, chunk):
     """x (rows, n) -> packed codes and the searched scales (rows, nb) float32.
 
     ratios: the grid, padded to a multiple of _LANES (the extra lanes are scored, never chosen);
-    nr: how many of them are real."""
+    nr: how many of them are real; dcw: the objective's dc_weight (float32)."""
     rows, n = x.shape
     nb = scales.shape[1]
     nchunks = (nb + chunk - 1) // chunk
@@ -261,6 +271,7 @@ def mse_int4(x, packed, scales, ratios, nr, bs, chunk):
         ik = np.empty(nk, np.float32)
         zk = np.zeros(nk, np.float32)
         acc = np.empty(nk, np.float32)
+        acc1 = np.empty(nk, np.float32)
         for b in range(b0, b1):
             s0 = b * bs
             e = min(s0 + bs, n)
@@ -268,13 +279,13 @@ def mse_int4(x, packed, scales, ratios, nr, bs, chunk):
             xb = xr[s0:e]
             amax = _amax(xb)
             _int4_candidates(amax, ratios, sk, ik)
-            best_s = sk[_choose(xb, sk, ik, zk, acc, nr, True)]
+            best_s = sk[_choose(xb, sk, ik, zk, acc, acc1, dcw, nr, True)]
             sr[b] = best_s
         _pack_item(xr, packed[r], sr, sr, b0, b1, bs, n, True)
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def mse_uint4(x, packed, scales, zero_points, ratios, nr, bs, chunk):
+def mse_uint4(x, packed, scales, zero_points, ratios, nr, dcw, bs, chunk):
     """As `mse_int4`, plus the searched zero points (rows, nb) uint8."""
     rows, n = x.shape
     nb = scales.shape[1]
@@ -292,6 +303,7 @@ def mse_uint4(x, packed, scales, zero_points, ratios, nr, bs, chunk):
         ik = np.empty(nk, np.float32)
         zk = np.empty(nk, np.float32)
         acc = np.empty(nk, np.float32)
+        acc1 = np.empty(nk, np.float32)
         for b in range(b0, b1):
             s0 = b * bs
             e = min(s0 + bs, n)
@@ -299,14 +311,14 @@ def mse_uint4(x, packed, scales, zero_points, ratios, nr, bs, chunk):
             xb = xr[s0:e]
             lo, hi = _lo_hi(xb)
             _uint4_candidates(lo, hi, ratios, sk, ik, zk)
-            kb = _choose(xb, sk, ik, zk, acc, nr, False)
+            kb = _choose(xb, sk, ik, zk, acc, acc1, dcw, nr, False)
             best_s, best_z = sk[kb], zk[kb]
             sr[b] = best_s
             zr[b] = np.uint8(best_z)
         _pack_item(xr, packed[r], sr, zr, b0, b1, bs, n, False)
 
 
-def mse_rows(fmt_name, x2d, block_size, ratios, num_threads, kernels):
+def mse_rows(fmt_name, x2d, block_size, ratios, num_threads, kernels, dc_weight=0.0):
     """Run the search kernel for `fmt_name` on (rows, n) `x2d`; a `kernels.QuantizedRows`."""
     x = np.asarray(x2d)
     if x.ndim != 2:
@@ -331,9 +343,10 @@ def mse_rows(fmt_name, x2d, block_size, ratios, num_threads, kernels):
         raise ValueError("ratios is empty; the grid needs at least ratio 1 (round to nearest)")
     nk = -(-nr // _LANES) * _LANES  # whole passes; the extra lanes repeat the last ratio
     padded = np.concatenate([ratios, np.repeat(ratios[-1:], nk - nr)])
+    dcw = np.float32(dc_weight)
     with kernels._launch(num_threads):
         if fmt_name == "int4":
-            mse_int4(xv, packed, scales, padded, nr, bs, chunk)
+            mse_int4(xv, packed, scales, padded, nr, dcw, bs, chunk)
         else:
-            mse_uint4(xv, packed, scales, zp, padded, nr, bs, chunk)
+            mse_uint4(xv, packed, scales, zp, padded, nr, dcw, bs, chunk)
     return kernels.QuantizedRows(packed, scales, zp)
