@@ -32,8 +32,10 @@ INT4 codes (ORT's code - 8) and the signed scales (DequantizeLinear allows negat
 
 Files with external data are read lazily (`load_model(lazy=True)`, unless calibration must run
 the model): each weight is read from disk when it is quantized and untouched tensors are copied
-file to file when the output is written, so memory follows the largest tensor and the
-quantized output, not the float model (benchmarks/big_onnx.md).
+file to file when the output is written. With an external-data output, each weight's new
+initializers go to a spill file beside the output as soon as they are made (`_Spill`) and are
+copied into the data file at the end, so memory follows the largest tensor, not the model
+(benchmarks/big_onnx.md); mixed precision (target_bits) holds all candidates until it picks.
 
 ORT note: with its default optimizations ORT fuses DequantizeLinear(int4) -> MatMul into a
 MatMulNBits with accuracy_level 4 (activations quantized to int8 on the fly; session config
@@ -395,6 +397,92 @@ def _int4_tensor(name: str, codes: np.ndarray, signed: bool) -> TensorProto:
     return helper.make_tensor(name, dtype, list(codes.shape), packed.tobytes(), raw=True)
 
 
+def _nbits_tensors(qt: QuantizedTensor) -> list[tuple[str, TensorProto]]:
+    """MatMulNBits' B, scales (and zero points) for `qt`, unnamed: (name suffix, tensor)."""
+    n_rows, nb = qt.scales.shape
+    if qt.format == "int4_ort":
+        codes, scales = _ort_view(qt)
+        packed = pack_nibbles(codes.reshape(n_rows, -1)).reshape(n_rows, nb, -1)
+        return [
+            ("_Q4", numpy_helper.from_array(packed)),
+            ("_scales", numpy_helper.from_array(scales)),
+        ]
+    bits = qt.fmt.bits
+    signed = qt.zero_points is None
+    # symmetric codes are stored + 2^(bits-1), MatMulNBits' default zero point
+    flip = np.uint8(0x88 if bits == 4 else 0x80)
+    data = qt.data ^ flip if signed else qt.data
+    out = [
+        (f"_Q{bits}", numpy_helper.from_array(data.reshape(n_rows, nb, qt.block_size * bits // 8))),
+        ("_scales", numpy_helper.from_array(qt.scales)),
+    ]
+    if not signed:
+        zp = pack_nibbles(qt.zero_points) if bits == 4 else qt.zero_points
+        out.append(("_zero_points", numpy_helper.from_array(zp)))
+    return out
+
+
+def _dq_tensors(qt: QuantizedTensor, axis: int) -> list[tuple[str, TensorProto]]:
+    """DequantizeLinear's codes, scales (and zero points) for `qt` in the weight's own layout,
+    unnamed: (name suffix, tensor)."""
+    signed = qt.zero_points is None
+    n = qt.shape[axis]
+    codes = from_blocks(qt.codes(), n, axis)  # back in the weight's own layout
+    scales = qt.scales_along_axis()
+    if qt.format == "int4_ort":  # ORT's codes - 8 as INT4, its signed scales (legal)
+        ort_codes, ort_scales = _ort_view(qt)
+        codes = from_blocks(ort_codes.astype(np.int8) - 8, n, axis)
+        scales = params_to_axis(ort_scales, axis)
+        signed = True
+    if qt.fmt.bits == 4:
+        out = [("_Q4", _int4_tensor("", codes, signed))]
+    else:
+        out = [("_Q8", numpy_helper.from_array(np.ascontiguousarray(codes)))]
+    out.append(("_scales", numpy_helper.from_array(np.ascontiguousarray(scales))))
+    if not signed:
+        zp = params_to_axis(qt.zero_points, axis)
+        if qt.fmt.bits == 4:
+            out.append(("_zero_points", _int4_tensor("", zp, signed=False)))
+        else:
+            out.append(("_zero_points", numpy_helper.from_array(np.ascontiguousarray(zp))))
+    return out
+
+
+class _Spill:
+    """A temporary file that new initializers' bytes are moved to as they are made, so the
+    quantized model is never held whole: each tensor keeps a lazy reference (as `load_model`
+    lazy=True makes) and `save_model` copies the bytes into the output's data file."""
+
+    def __init__(self, path: Path, f):
+        self.path, self.f, self.pos = path.absolute(), f, 0
+
+    def __call__(self, t: TensorProto) -> TensorProto:
+        # below 1 KiB `_write_external` leaves a tensor inline: so does the spill
+        if not t.HasField("raw_data") or len(t.raw_data) < 1024:
+            return t
+        length = len(t.raw_data)
+        self.f.write(t.raw_data)
+        t.ClearField("raw_data")
+        # a new message: clearing a field does not free protobuf's arena, which goes with `t`
+        light = TensorProto()
+        light.CopyFrom(t)
+        _set_external(light, self.path.name, self.pos, length)
+        light.external_data.add(key=_LAZY_KEY, value=str(self.path))
+        self.pos += length
+        return light
+
+
+def _shape_only(qt: QuantizedTensor) -> SimpleNamespace:
+    """What the graph rewrite still reads of a tensor whose initializers are made."""
+    return SimpleNamespace(
+        shape=qt.shape,
+        scales=np.broadcast_to(np.zeros((), qt.scales.dtype), qt.scales.shape),
+        fmt=qt.fmt,
+        block_size=qt.block_size,
+        format=qt.format,
+    )
+
+
 class _Namer:
     def __init__(self, used: set[str]):
         self.used = used
@@ -665,9 +753,14 @@ def _quantize_weights(
     notes: list[str],
     calib_memory: int | None = None,
     progress: Callable[[str, int], None] | None = None,
+    keep: Callable[[tuple[str, int], QuantizedTensor], Any] | None = None,
 ) -> tuple[dict, dict, dict]:
     """(quantized tensors, report rows, AWQ 1/s), each keyed by (weight, axis).
 
+    keep(key, qt), if given, is what is held for a weight once its tensor is chosen (the
+    writer lays it out and spills it to disk, so the quantized model is not held whole).
+    Without target_bits each weight is chosen as soon as it is quantized; with it, all
+    options of all weights are held until the budget picks (today's behaviour).
     Calibration state (a float64 K x K Hessian and up to AWQ_SAMPLES float32 rows of K per
     activation) is captured for groups of weights whose state fits `calib_memory` bytes, one
     pass over the calibration inputs per group; each group's weights are quantized, and its
@@ -733,6 +826,35 @@ def _quantize_weights(
     rows: dict[tuple[str, int], dict] = {}
     awq_scales: dict[tuple[str, int], np.ndarray] = {}
     plans: dict[tuple[str, int], dict] = {}
+
+    def finish(key, plan: dict, label: str) -> None:
+        """Record option `label` of a weight: its tensor (or what `keep` makes of it), AWQ's
+        1/s and the report row; the options not taken go."""
+        c = plan["choices"][label]
+        plan["choices"] = None
+        w = _weight_array(weights[key[0]])
+        if c.inv_scale is not None:
+            awq_scales[key] = c.inv_scale
+        recon = None
+        if c.inv_scale is not None:
+            recon_kn = c.recon_kn()
+            recon = recon_kn if key[1] == 0 else recon_kn.T
+        row = _row(key[0], w, c.qt, recon)
+        row["bytes_before"], row["bytes_after"] = int(w.nbytes), int(c.qt.nbytes)
+        if c.qt.format == "int4_ort":  # written without zero points (signed scales instead)
+            row["bytes_after"] -= c.qt._zero_point_bytes()
+        if c.inv_scale is not None:  # AWQ's 1/s is stored too
+            row["bytes_after"] += int(c.inv_scale.size * w.dtype.itemsize)
+        row["method"] = plan["method"]
+        if plan["method"] == "awq+gptq":
+            row["picked"] = c.picked
+        if target_bits is not None:
+            row["choice"] = label
+        if label in plan["output_error"]:
+            row["output_error"], row["output_error_rtn"] = plan["output_error"][label]
+        rows[key] = row
+        quantized[key] = c.qt if keep is None else keep(key, c.qt)
+
     for group in groups:
         captured: dict[str, Any] = {}
         if calibrated:
@@ -767,13 +889,16 @@ def _quantize_weights(
                 notes=notes,
             )
             if plan is not None:
-                plans[key] = plan
+                if target_bits is None:  # one option: final now, nothing held but its row
+                    finish(key, plan, next(iter(plan["choices"])))
+                else:
+                    plans[key] = plan
             if progress is not None:
                 progress(key[0], len(keys))
         del captured
 
     if not plans:
-        return {}, {}, {}
+        return quantized, rows, awq_scales
 
     if target_bits is not None:
         from ..algorithms.mixed import LayerChoice, plan_mixed
@@ -787,35 +912,8 @@ def _quantize_weights(
             layers.append(LayerChoice(str(i), int(plan["n"]), opts))
         picked = plan_mixed(layers, float(target_bits))
         chosen = {key: picked[str(i)] for i, key in enumerate(plans)}
-    else:
-        chosen = {key: next(iter(plan["choices"])) for key, plan in plans.items()}
-
     for key, plan in plans.items():
-        label = chosen[key]
-        c = plan["choices"][label]
-        plan["choices"] = None  # the options not taken can go
-        w = _weight_array(weights[key[0]])
-        quantized[key] = c.qt
-        if c.inv_scale is not None:
-            awq_scales[key] = c.inv_scale
-        recon = None
-        if c.inv_scale is not None:
-            recon_kn = c.recon_kn()
-            recon = recon_kn if key[1] == 0 else recon_kn.T
-        row = _row(key[0], w, c.qt, recon)
-        row["bytes_before"], row["bytes_after"] = int(w.nbytes), int(c.qt.nbytes)
-        if c.qt.format == "int4_ort":  # written without zero points (signed scales instead)
-            row["bytes_after"] -= c.qt._zero_point_bytes()
-        if c.inv_scale is not None:  # AWQ's 1/s is stored too
-            row["bytes_after"] += int(c.inv_scale.size * w.dtype.itemsize)
-        row["method"] = plan["method"]
-        if plan["method"] == "awq+gptq":
-            row["picked"] = c.picked
-        if target_bits is not None:
-            row["choice"] = label
-        if label in plan["output_error"]:
-            row["output_error"], row["output_error_rtn"] = plan["output_error"][label]
-        rows[key] = row
+        finish(key, plan, chosen[key])
     return quantized, rows, awq_scales
 
 
@@ -979,7 +1077,10 @@ def _quantize_in_place(
     calib_memory: int | None = CALIB_MEMORY,
     details: dict | None = None,
     progress: Callable[[str, int], None] | None = None,
+    spill: _Spill | None = None,
 ) -> list[dict]:
+    """quantize_onnx_model's work on `model` itself. spill: each weight's new initializers are
+    laid out as soon as its tensor is chosen and their bytes moved to that file."""
     _check_args(format, block_size, output, accuracy_level, method, target_bits)
     if calib_memory is not None:
         if isinstance(calib_memory, bool) or not isinstance(calib_memory, (int, np.integer)):
@@ -1026,6 +1127,24 @@ def _quantize_in_place(
     weights = _weight_sources(graph)
     namer = _Namer(_all_names(model))
 
+    # what each weight becomes: MatMulNBits inputs and/or a DequantizeLinear's
+    needs: dict[tuple[str, int], set[str]] = {}
+    for s in sites:
+        kind = "dq" if output == "qdq" or s.node.op_type == "Gather" else "nbits"
+        needs.setdefault((s.weight, s.axis), set()).add(kind)
+    # with a spill file, each weight's initializers are made (unnamed: names are given in node
+    # order below, as without it) and their bytes spilled as soon as its tensor is chosen, so
+    # the quantized model is not held whole until it is written (benchmarks/big_onnx.md)
+    prepared: dict[tuple[str, int], dict[str, list[tuple[str, TensorProto]]]] = {}
+
+    def keep(key, qt: QuantizedTensor) -> Any:
+        made_now = {}
+        for kind in sorted(needs[key]):
+            pairs = _nbits_tensors(qt) if kind == "nbits" else _dq_tensors(qt, key[1])
+            made_now[kind] = [(suffix, spill(t)) for suffix, t in pairs]
+        prepared[key] = made_now
+        return _shape_only(qt)
+
     # quantize each (weight, axis) once
     quantized, rows, awq_scales = _quantize_weights(
         model,
@@ -1041,6 +1160,7 @@ def _quantize_in_place(
         notes=notes,
         calib_memory=calib_memory,
         progress=progress,
+        keep=None if spill is None else keep,
     )
     sites = [s for s in sites if (s.weight, s.axis) in quantized]
     if not sites:
@@ -1053,53 +1173,25 @@ def _quantize_in_place(
     pending_dq: dict[tuple[str, int], onnx.NodeProto] = {}
     # once a weight's initializers are made, only its shape and types are needed: the codes
     # and scales are dropped so they are not held twice (memory: see benchmarks/big_onnx.md)
-    needs: dict[tuple[str, int], set[str]] = {}
-    for s in sites:
-        kind = "dq" if output == "qdq" or s.node.op_type == "Gather" else "nbits"
-        needs.setdefault((s.weight, s.axis), set()).add(kind)
 
     def made(key, kind: str) -> None:
         needs[key].discard(kind)
         if not needs[key]:
-            qt = quantized[key]
-            quantized[key] = SimpleNamespace(  # what matmulnbits()/rewrite() still read
-                shape=qt.shape,
-                scales=np.broadcast_to(np.zeros((), qt.scales.dtype), qt.scales.shape),
-                fmt=qt.fmt,
-                block_size=qt.block_size,
-                format=qt.format,
-            )
+            quantized[key] = _shape_only(quantized[key])
+
+    def tensors_for(key, kind: str) -> list[tuple[str, TensorProto]]:
+        if kind in prepared.get(key, {}):
+            return prepared[key].pop(kind)
+        qt = quantized[key]
+        return _nbits_tensors(qt) if kind == "nbits" else _dq_tensors(qt, key[1])
 
     def nbits_for(key) -> list[str]:
-        if key not in nbits_inputs and quantized[key].format == "int4_ort":
-            qt = quantized[key]
-            codes, scales = _ort_view(qt)
-            n_rows, nb = scales.shape
-            packed = pack_nibbles(codes.reshape(n_rows, -1)).reshape(n_rows, nb, -1)
-            b = numpy_helper.from_array(packed, namer(f"{key[0]}_Q4"))
-            s = numpy_helper.from_array(scales, namer(f"{key[0]}_scales"))
-            new_inits.extend([b, s])
-            nbits_inputs[key] = [b.name, s.name]
-            made(key, "nbits")
         if key not in nbits_inputs:
-            qt = quantized[key]
-            bits = qt.fmt.bits
-            signed = qt.zero_points is None
-            n_rows, nb = qt.scales.shape
-            # symmetric codes are stored + 2^(bits-1), MatMulNBits' default zero point
-            flip = np.uint8(0x88 if bits == 4 else 0x80)
-            data = qt.data ^ flip if signed else qt.data
-            b = numpy_helper.from_array(
-                data.reshape(n_rows, nb, qt.block_size * bits // 8), namer(f"{key[0]}_Q{bits}")
-            )
-            s = numpy_helper.from_array(qt.scales, namer(f"{key[0]}_scales"))
-            names = [b.name, s.name]
-            new_inits.extend([b, s])
-            if not signed:
-                zp = pack_nibbles(qt.zero_points) if bits == 4 else qt.zero_points
-                z = numpy_helper.from_array(zp, namer(f"{key[0]}_zero_points"))
-                new_inits.append(z)
-                names.append(z.name)
+            names = []
+            for suffix, t in tensors_for(key, "nbits"):
+                t.name = namer(f"{key[0]}{suffix}")
+                new_inits.append(t)
+                names.append(t.name)
             nbits_inputs[key] = names
             made(key, "nbits")
         return nbits_inputs[key]
@@ -1107,33 +1199,11 @@ def _quantize_in_place(
     def dq_for(key) -> str:
         if key not in dq_outputs:
             name, axis = key
-            qt = quantized[key]
-            signed = qt.zero_points is None
-            n = qt.shape[axis]
-            codes = from_blocks(qt.codes(), n, axis)  # back in the weight's own layout
-            scales = qt.scales_along_axis()
-            if qt.format == "int4_ort":  # ORT's codes - 8 as INT4, its signed scales (legal)
-                ort_codes, ort_scales = _ort_view(qt)
-                codes = from_blocks(ort_codes.astype(np.int8) - 8, n, axis)
-                scales = params_to_axis(ort_scales, axis)
-                signed = True
-            if qt.fmt.bits == 4:
-                q = _int4_tensor(namer(f"{name}_Q4"), codes, signed)
-            else:
-                q = numpy_helper.from_array(np.ascontiguousarray(codes), namer(f"{name}_Q8"))
-            s = numpy_helper.from_array(np.ascontiguousarray(scales), namer(f"{name}_scales"))
-            inputs = [q.name, s.name]
-            new_inits.extend([q, s])
-            if not signed:
-                zp = params_to_axis(qt.zero_points, axis)
-                if qt.fmt.bits == 4:
-                    z = _int4_tensor(namer(f"{name}_zero_points"), zp, signed=False)
-                else:
-                    z = numpy_helper.from_array(
-                        np.ascontiguousarray(zp), namer(f"{name}_zero_points")
-                    )
-                new_inits.append(z)
-                inputs.append(z.name)
+            inputs = []
+            for suffix, t in tensors_for(key, "dq"):
+                t.name = namer(f"{name}{suffix}")
+                new_inits.append(t)
+                inputs.append(t.name)
             dq_outputs[key] = namer(f"{name}_DQ")
             pending_dq[key] = helper.make_node(
                 "DequantizeLinear",
@@ -1141,7 +1211,7 @@ def _quantize_in_place(
                 [dq_outputs[key]],
                 name=namer(f"{name}_DequantizeLinear"),
                 axis=axis,
-                block_size=qt.block_size,
+                block_size=quantized[key].block_size,
             )
             made(key, "dq")
         return dq_outputs[key]
@@ -1640,13 +1710,30 @@ def quantize_onnx_file(
     model, data_files = load_model(src, lazy=lazy)
     check_output(out, *data_files)
     details: dict = {}
-    try:
-        rows = _quantize_in_place(model, details=details, **options)
-    except ValueError as exc:
-        raise ValueError(f"{src}: {exc}") from None
     if external_data is None and data_files:
         external_data = True
-    written = save_model(model, out, external_data=external_data, inputs=[src, *data_files])
+    # an external-data output: new initializers wait in a spill file beside the output (deleted
+    # whatever happens) rather than in memory, then are copied into the data file
+    spill_path = None
+    if external_data:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".spill.tmp", dir=out.parent)
+        os.close(fd)
+        spill_path = Path(name)
+    try:
+        try:
+            if spill_path is None:
+                rows = _quantize_in_place(model, details=details, **options)
+            else:
+                with open(spill_path, "wb") as f:
+                    rows = _quantize_in_place(
+                        model, details=details, spill=_Spill(spill_path, f), **options
+                    )
+        except ValueError as exc:
+            raise ValueError(f"{src}: {exc}") from None
+        written = save_model(model, out, external_data=external_data, inputs=[src, *data_files])
+    finally:
+        if spill_path is not None:
+            spill_path.unlink(missing_ok=True)
     inputs = [src, *sorted(data_files)]
     return {
         "rows": rows,
