@@ -22,6 +22,34 @@ names, a rewritten index and the folder's other files (config.json, tokenizer) c
 By default the floating-point weights with 2+ dimensions are quantized, except norms,
 embeddings and the output head (by name); patterns are shell-style globs on tensor names.
 The reports go beside OUT: OUT.report.json and OUT.report.md (OUT without .safetensors).
+
+calibration (--calib FILE.npz, for --method gptq and --target-bits): an .npz with, per 2-d
+weight NAME (out, in) of the checkpoint, either NAME.hessian, float (in, in) = X^T X summed
+over that layer's inputs X (rows, in), or NAME.inputs, float (rows, in) samples of X (then
+X^T X is computed here). Unknown names, wrong shapes, NaN/Inf or a non-symmetric Hessian are
+errors. Under gptq, weights without data get rtn (noted in the report). To make the file, with
+torch and transformers (not needed by quantize):
+
+  import numpy as np, torch
+  H = {}
+  def hook(name):
+      def f(module, args, out):
+          x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+          H[name] = H.get(name, 0) + (x.T @ x).cpu()
+      return f
+  for n, m in model.named_modules():
+      if isinstance(m, torch.nn.Linear):
+          m.register_forward_hook(hook(n + ".weight"))
+  with torch.no_grad():
+      for batch in calibration_batches:
+          model(**batch)
+  np.savez("calib.npz", **{k + ".hessian": v.numpy() for k, v in H.items()})
+
+--method gptq needs --calib; --method awq is refused: awq needs the preceding operator to
+fold its scales into, which a checkpoint does not give (use gptq, or the onnx command).
+--target-bits B picks per weight the format at the block size, at block 32, or int8/uint8,
+keeping the stored bits (codes + scales + zero points) per quantized weight <= B with the
+least error (output error with --calib, else relative squared error).
 """
 
 
@@ -112,10 +140,26 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--method",
-        choices=["rtn", "mse", "hqq"],
+        choices=["rtn", "mse", "hqq", "gptq", "awq"],
         default="rtn",
         help="how block scales are chosen: rtn (the format's rule), mse (clipping search, "
-        "least squared error per block), hqq (half-quadratic optimisation) (default: rtn)",
+        "least squared error per block), hqq (half-quadratic optimisation), gptq (needs "
+        "--calib: rounding errors pushed onto the inputs not yet done); awq is refused (no "
+        "preceding operator to fold its scales into: use gptq or the onnx command) "
+        "(default: rtn)",
+    )
+    p.add_argument(
+        "--calib",
+        metavar="FILE.npz",
+        help="calibration data: NAME.hessian (in, in) = X^T X or NAME.inputs (rows, in) per "
+        "2-d weight NAME (see below); reports gain output_error / output_error_rtn",
+    )
+    p.add_argument(
+        "--target-bits",
+        type=float,
+        metavar="B",
+        help="mixed precision: the least-error choice per weight among the format at the "
+        "block size, at block 32, and int8/uint8, with stored bits per quantized weight <= B",
     )
     p.add_argument(
         "--nan",
@@ -174,6 +218,10 @@ def run(args) -> int:
         "layout": args.layout,
         "method": args.method,
     }
+    if args.calib is not None:
+        settings["calib"] = str(args.calib)
+    if args.target_bits is not None:
+        settings["target_bits"] = args.target_bits
     print(render_text(build_report(rows, settings)), end="")
     if not any(r["quantized"] for r in rows):
         print("note: no tensor matched; the output is a copy of the input", file=sys.stderr)
@@ -216,4 +264,6 @@ def _convert(args, output, progress):
         jobs=args.jobs,
         method=args.method,
         nan=args.nan,
+        calib=args.calib,
+        target_bits=args.target_bits,
     )

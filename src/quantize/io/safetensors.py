@@ -23,6 +23,7 @@ match one. Everything else is copied byte for byte.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import json
 import math
@@ -467,6 +468,7 @@ class _Run:
     done: int = 0  # tensors converted so far (by this process)
     method: str = "rtn"
     nan: str = "raise"
+    calib: _Calib | None = None
 
 
 def quantize_safetensors(
@@ -487,6 +489,8 @@ def quantize_safetensors(
     jobs: int = 1,
     method: str = "rtn",
     nan: str = "raise",
+    calib: str | os.PathLike | dict | None = None,
+    target_bits: float | None = None,
 ) -> list[dict]:
     """Quantize a safetensors checkpoint; returns one report row per tensor (see report.py).
 
@@ -499,8 +503,17 @@ def quantize_safetensors(
     safetensors-layout.md) or "compressed-tensors" (pack-quantized, for vLLM/transformers;
     int4/uint4/int8/uint8, 2-d weights quantized along their last axis; config.json gets the
     quantization_config). method: how block scales are chosen ("rtn", "mse", "hqq": the
-    data-free methods of `quantize.algorithms`). nan: "raise" (a NaN/Inf is an error naming
-    the tensor) or "zero" (as `quantize_tensor`'s nan=).
+    data-free methods of `quantize.algorithms`), or "gptq" (needs calib; weights without
+    calibration data get rtn, noted in their row; "awq" is refused: its scales need an
+    operator to fold into). nan: "raise" (a NaN/Inf is an error naming the tensor) or "zero"
+    (as `quantize_tensor`'s nan=).
+    calib: an .npz path or a dict of arrays: per 2-d weight NAME (out, in), `NAME.hessian`
+    (in, in) = X^T X of the layer's inputs, or `NAME.inputs` (rows, in) samples of them
+    (docs/safetensors-layout.md). With it, rows gain "output_error" and "output_error_rtn"
+    (tr(D H D^T) / tr(W H W^T), D = W - Ŵ). target_bits: mixed precision: per weight one of
+    (format, block_size), (format, 32 or 16), (8-bit, block_size), chosen to least summed
+    error (output error where calib has the weight, else relative squared error) with stored
+    bits (codes, scales, zero points) per quantized weight <= target_bits; layout "quantize".
 
     The output appears whole or not at all (written to a temporary file/folder beside it,
     renamed at the end); an existing output is replaced only with `overwrite`; inputs are
@@ -529,11 +542,37 @@ def quantize_safetensors(
         raise TypeError(f"clip_ratio must be a number in (0, 1], got {clip_ratio!r}")
     if not 0 < clip_ratio <= 1:
         raise ValueError(f"clip_ratio must be a number in (0, 1], got {clip_ratio!r}")
-    from ..algorithms import get_method
+    if method == "awq":
+        raise ValueError(
+            "method 'awq': awq needs the preceding operator to fold its scales into (a "
+            "safetensors checkpoint has none); use gptq, or the onnx command"
+        )
+    if method == "gptq":
+        if calib is None:
+            raise ValueError(
+                "method 'gptq' needs calib= (--calib FILE.npz): see docs/safetensors-layout.md"
+            )
+    else:
+        from ..algorithms import get_method
 
-    get_method(method)  # ValueError listing the methods, before any work
+        get_method(method)  # ValueError listing the methods, before any work
     if nan not in ("raise", "zero"):
         raise ValueError(f"nan must be 'raise' or 'zero', got {nan!r}")
+    if (calib is not None or target_bits is not None) and axis not in (-1, 1):
+        raise ValueError(
+            f"calib and target_bits quantize 2-d weights along their input dimension "
+            f"(axis=-1), got axis={axis!r}"
+        )
+    if target_bits is not None:
+        if isinstance(target_bits, bool) or not isinstance(target_bits, (int, float)):
+            raise TypeError(f"target_bits must be a number > 0, got {target_bits!r}")
+        if not (math.isfinite(target_bits) and target_bits > 0):
+            raise ValueError(f"target_bits must be a finite number > 0, got {target_bits!r}")
+        if layout != "quantize":
+            raise ValueError(
+                "target_bits needs layout 'quantize' (compressed-tensors has one scheme for "
+                "the whole model)"
+            )
     if isinstance(include, str):
         include = [include]
     if isinstance(exclude, str):
@@ -547,6 +586,7 @@ def quantize_safetensors(
         layout=layout,
         method=method,
         nan=nan,
+        calib=None if calib is None else _Calib.open(calib),
         selection=Selection(
             include=list(include) if include else None,
             exclude=list(exclude) if exclude else None,
@@ -562,6 +602,10 @@ def quantize_safetensors(
     with _Opened(source) as opened:
         _refuse_quantized(opened)
         plan = _plan(opened, run)
+        if run.calib is not None:
+            run.calib.check(opened, plan)
+        if target_bits is not None:
+            _plan_bits(opened, plan, run, float(target_bits))
         if source.single:
             with atomic_path(out) as tmp:
                 _convert_file(opened.files[0], tmp, plan, run, out.name)
@@ -658,6 +702,7 @@ def _convert_parallel(opened: _Opened, tmp: Path, plan, run: _Run, jobs: int):
                 layout=run.layout,
                 method=run.method,
                 nan=run.nan,
+                calib=None if run.calib is None else run.calib.subset(f.tensors),
                 selection=run.selection,
                 progress=None,
                 ct_ignore=run.ct_ignore,
@@ -725,6 +770,7 @@ def _refuse_quantized(opened: _Opened) -> None:
 class _Plan:
     quantize: bool
     note: str | None = None
+    choice: tuple[str, str, int | str | None] | None = None  # target_bits: label, format, block
 
 
 def _plan(opened: _Opened, run: _Run) -> dict[str, _Plan]:
@@ -788,18 +834,15 @@ def _convert_file(
                 continue
             arr = f.array(name)
             start = time.perf_counter()
+            h = None if run.calib is None else run.calib.hessian(name)
+            fmt_name, bs = (run.format, run.block_size) if p.choice is None else p.choice[1:]
             try:
-                qt = quantize_tensor(
-                    arr,
-                    run.format,
-                    run.block_size,
-                    run.axis,
-                    clip_ratio=run.clip_ratio,
-                    method=run.method,
-                    nan=run.nan,
-                )
+                qt, used = _quantize_one(arr, run, fmt_name, bs, h)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{f.path}: tensor {name!r}: {exc}") from None
+            extras = _calib_fields(arr, qt, used, run, fmt_name, bs, h)
+            if p.choice is not None:
+                extras["choice"] = p.choice[0]
             if run.layout == "quantize":
                 pieces, entry = _encode(qt)
                 stored, written = qt, {name + s: a for s, a in pieces.items()}
@@ -823,8 +866,13 @@ def _convert_file(
             seconds = time.perf_counter() - start
             entries[name] = entry
             nbytes = sum(a.nbytes for a in written.values()) + extra
-            _emit(run, _quantized_row(name, arr, stored, info, out_name, nbytes, seconds, run))
-            del arr, qt, stored, pieces, written
+            row = _quantized_row(name, arr, stored, info, out_name, nbytes, seconds, run)
+            note = extras.pop("note", None)
+            if note:
+                row["note"] = note if not row["note"] else f"{row['note']}; {note}"
+            row.update(extras)
+            _emit(run, row)
+            del arr, qt, stored, pieces, written, h
             f.release(name)
         meta = dict(f.metadata)
         meta.setdefault("format", "pt")  # transformers refuses files whose metadata lacks it
@@ -916,6 +964,281 @@ def _copy_companions(source: Source, dest: Path, run: _Run) -> None:
             )
         else:
             shutil.copy2(p, dest / p.name)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+#: GPTQ as io/onnx.py runs it (its GPTQ_OPTIONS, measured best there): rows in decreasing
+#: activation order, every group's params fixed up front by the mse search
+GPTQ_OPTIONS = {"act_order": True, "method": "mse"}
+#: the keys of a calib file: NAME.hessian (in, in) = X^T X, or NAME.inputs (rows, in) = X
+CALIB_KINDS = (".hessian", ".inputs")
+#: the 8-bit option of mixed precision, per 4-bit format (int8 for the others)
+_EIGHT_BIT = {"uint4": "uint8", "uint4_float_zp": "uint8", "int4_affine": "uint8"}
+#: rows of NAME.inputs turned into X^T X at once (float64: memory 8 * rows * in bytes)
+_H_ROWS = 4096
+
+
+def _npz_names(path: Path) -> list[str]:
+    """The array names of an .npz, without reading any array."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
+        raise ValueError(f"{path}: not a readable .npz ({type(exc).__name__}: {exc})") from None
+    for n in names:
+        if not n.endswith(".npy"):
+            raise ValueError(f"{path}: not a readable .npz: member {n!r} is not an .npy array")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: not a readable .npz: a member name appears twice")
+    return [n[: -len(".npy")] for n in names]
+
+
+def _npz_array(path: Path, key: str) -> np.ndarray:
+    """One array of an .npz, read as `npz.load_npz` reads each (no pickles, no blind allocation);
+    one at a time, so a calib file of every layer's Hessian never sits in memory whole."""
+    import zipfile
+    import zlib
+
+    from .npz import _read_member
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return _read_member(z, z.getinfo(key + ".npy"))
+    except ValueError as exc:
+        raise ValueError(f"{path}: key {key!r}: {exc}") from None
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        OSError,
+        RuntimeError,
+        NotImplementedError,
+        KeyError,
+        OverflowError,
+    ) as exc:
+        raise ValueError(f"{path}: key {key!r}: unreadable ({type(exc).__name__}: {exc})") from None
+
+
+@dataclass
+class _Calib:
+    """Calibration data by weight name: an .npz read one key at a time when needed, or a dict."""
+
+    label: str
+    path: Path | None
+    arrays: dict[str, np.ndarray] | None
+    keys: dict[str, str]  # weight name -> its key, NAME.hessian or NAME.inputs
+
+    @classmethod
+    def open(cls, calib) -> _Calib:
+        """From an .npz path or a dict of arrays; ValueError for keys of no known kind."""
+        if isinstance(calib, dict):
+            bad = [k for k in calib if not isinstance(k, str)]
+            if bad:
+                raise TypeError(f"calib keys must be str (NAME.hessian / NAME.inputs): {bad[0]!r}")
+            label, path, arrays, names = "calib", None, dict(calib), list(calib)
+        elif isinstance(calib, (str, os.PathLike)):
+            path = Path(calib)
+            label, arrays, names = str(path), None, _npz_names(path)
+        else:
+            raise TypeError(f"calib must be an .npz path or a dict of arrays, got {calib!r}")
+        keys: dict[str, str] = {}
+        for key in names:
+            kind = next((k for k in CALIB_KINDS if key.endswith(k)), None)
+            if kind is None or key == kind:
+                raise ValueError(
+                    f"{label}: key {key!r} is neither NAME.hessian nor NAME.inputs "
+                    "(NAME: a weight of the checkpoint)"
+                )
+            name = key[: -len(kind)]
+            if name in keys:
+                raise ValueError(f"{label}: key {key!r}: {keys[name]!r} is given too; give one")
+            keys[name] = key
+        return cls(label, path, arrays, keys)
+
+    def subset(self, names: Iterable[str]) -> _Calib:
+        """Only these weights' data (what one shard's worker needs)."""
+        keys = {n: self.keys[n] for n in names if n in self.keys}
+        arrays = None if self.arrays is None else {k: self.arrays[k] for k in keys.values()}
+        return _Calib(self.label, self.path, arrays, keys)
+
+    def _array(self, key: str) -> np.ndarray:
+        if self.arrays is not None:
+            return np.asarray(self.arrays[key])
+        return _npz_array(self.path, key)
+
+    def check(self, opened: _Opened, plan: dict[str, _Plan]) -> None:
+        """Every key names a 2-d weight and holds finite float data of its shape (H symmetric,
+        diagonal >= 0); else ValueError naming the file and the key. Reads each key once."""
+        for name, key in self.keys.items():
+            where = f"{self.label}: key {key!r}"
+            if name not in opened.where:
+                raise ValueError(f"{where}: the checkpoint has no tensor {name!r}")
+            shape = tuple(opened.where[name].tensors[name].shape)
+            if len(shape) != 2:
+                raise ValueError(
+                    f"{where}: {name!r} has shape {list(shape)}; calibration data is for 2-d "
+                    "weights (out, in)"
+                )
+            _check_calib_array(self._array(key), key.endswith(".hessian"), shape[1], where)
+
+    def hessian(self, name: str) -> np.ndarray | None:
+        """H = X^T X (in, in) float64 of a weight's inputs, or None without data for it."""
+        key = self.keys.get(name)
+        if key is None:
+            return None
+        arr = self._array(key)
+        if key.endswith(".hessian"):
+            h = arr.astype(np.float64)
+            return (h + h.T) / 2  # symmetric to rounding (checked): exactly, for GPTQ
+        h = np.zeros((arr.shape[1], arr.shape[1]))
+        for i in range(0, arr.shape[0], _H_ROWS):
+            x = arr[i : i + _H_ROWS].astype(np.float64)
+            h += x.T @ x
+        return h
+
+
+def _check_calib_array(arr: np.ndarray, hessian: bool, k: int, where: str) -> None:
+    if not is_float_dtype(arr.dtype) or np.iscomplexobj(arr):
+        raise ValueError(f"{where}: must be floating point, got {arr.dtype}")
+    if hessian and arr.shape != (k, k):
+        raise ValueError(f"{where}: a Hessian X^T X must have shape ({k}, {k}), got {arr.shape}")
+    if not hessian and (arr.ndim != 2 or arr.shape[1] != k or arr.shape[0] == 0):
+        raise ValueError(f"{where}: inputs must have shape (rows > 0, {k}), got {arr.shape}")
+    a = arr.astype(np.float64) if hessian else arr
+    if not np.isfinite(a).all():
+        raise ValueError(f"{where}: holds NaN or Inf")
+    if hessian:
+        top = float(np.abs(a).max())
+        if float(np.abs(a - a.T).max()) > 1e-5 * top:  # sums in float32 are symmetric to rounding
+            raise ValueError(f"{where}: a Hessian X^T X must be symmetric; it is not")
+        d = np.diagonal(a)
+        if (d < 0).any():
+            i = int(np.argmin(d))
+            raise ValueError(
+                f"{where}: a Hessian X^T X has no negative diagonal; ({i}, {i}) is {d[i]:g}"
+            )
+
+
+def _quantize_one(arr, run: _Run, fmt_name: str, block_size, h) -> tuple[QuantizedTensor, str]:
+    """`arr` quantized at (fmt_name, block_size) with the run's method (gptq where H is given,
+    else rtn for gptq), and the method used."""
+    if run.method == "gptq" and h is not None:
+        from ..algorithms.gptq import gptq_quantize
+
+        k = arr.shape[1]
+        bs = None if block_size is None else resolve_block(k, block_size, get_format(fmt_name))
+        qt = gptq_quantize(arr.T, h, fmt_name, bs, clip_ratio=run.clip_ratio, **GPTQ_OPTIONS)
+        # GPTQ works on the (in, out) MatMul layout along axis 0; its rows are `out`, its
+        # blocks run along `in`: the same stored bytes as (out, in) along axis 1
+        return dataclasses.replace(qt, shape=tuple(qt.shape[::-1]), axis=1 - qt.axis), "gptq"
+    method = "rtn" if run.method == "gptq" else run.method
+    qt = quantize_tensor(
+        arr, fmt_name, block_size, run.axis, clip_ratio=run.clip_ratio, method=method, nan=run.nan
+    )
+    return qt, method
+
+
+def _as_float64(arr: np.ndarray, recon: np.ndarray) -> np.ndarray:
+    """arr in float64, a NaN/Inf (replaced under nan="zero") counted as its replacement."""
+    w = arr.astype(np.float64)
+    finite = np.isfinite(w)
+    return w if finite.all() else np.where(finite, w, recon)
+
+
+def _h_error(w: np.ndarray, recon: np.ndarray, h: np.ndarray | None) -> float:
+    """tr(D H D^T) / tr(W H W^T) for (out, in) W and D = W - recon; H = I without data."""
+    d = w - recon
+    if h is None:
+        num, den = float(np.sum(d * d)), float(np.sum(w * w))
+    else:
+        num, den = float(np.sum((d @ h) * d)), float(np.sum((w @ h) * w))
+    return num / den if den > 0 else (0.0 if num <= 0 else math.inf)
+
+
+def _calib_fields(arr, qt, used: str, run: _Run, fmt_name: str, block_size, h) -> dict:
+    """The row's method, note and (with H) output errors of qt and of rtn at the same option."""
+    out: dict[str, object] = {"method": used}
+    if run.method == "gptq" and h is None:
+        out["note"] = "no calibration data: gptq -> rtn"
+    if h is None:
+        return out
+    recon = qt.dequantize(np.float64)
+    w = _as_float64(arr, recon)
+    out["output_error"] = err = _h_error(w, recon, h)
+    if used == "rtn":
+        out["output_error_rtn"] = err
+    else:
+        ref = quantize_tensor(
+            arr, fmt_name, block_size, run.axis, clip_ratio=run.clip_ratio, nan=run.nan
+        )
+        out["output_error_rtn"] = _h_error(w, ref.dequantize(np.float64), h)
+    return out
+
+
+def _bit_options(fmt_name: str, block_size, k: int) -> list[tuple[str, str, int | None]]:
+    """target_bits' options (label, format, block): the format at the block size and at 32 (16
+    when the block is <= 32), and its 8-bit sibling at the block size; duplicates dropped."""
+    fmt = get_format(fmt_name)
+    base = resolve_block(k, block_size, fmt)
+    b0 = None if block_size is None or block_size == -1 else base
+    eight = fmt.name if fmt.bits == 8 else _EIGHT_BIT.get(fmt.name, "int8")
+    out: dict[str, tuple[str, str, int | None]] = {}
+    for f, b in ((fmt.name, b0), (fmt.name, 32 if base > 32 else 16), (eight, b0)):
+        label = f"{f}/b{resolve_block(k, b, get_format(f))}"
+        out.setdefault(label, (label, f, b))
+    return list(out.values())
+
+
+def _stored_bytes(qt: QuantizedTensor) -> int:
+    """Bytes our layout stores for qt: codes, scales, zero points, and header floats."""
+    pieces, _ = _encode(qt)
+    extra = (qt.tensor_scale is not None) * 4 + (qt.double_quant is not None) * 4
+    return sum(a.nbytes for a in pieces.values()) + extra
+
+
+def _plan_bits(opened: _Opened, plan: dict[str, _Plan], run: _Run, target: float) -> None:
+    """target_bits' first pass: every option of every weight quantized, its stored bits and
+    error noted and the tensor dropped (one tensor held at a time); `plan_mixed` then sets
+    each weight's `choice`, which the writing pass quantizes again (deterministically)."""
+    from ..algorithms.mixed import LayerChoice, plan_mixed
+
+    layers = []
+    options: dict[str, dict[str, tuple]] = {}
+    for name, p in plan.items():
+        if not p.quantize:
+            continue
+        f = opened.where[name]
+        arr = f.array(name)
+        h = None if run.calib is None else run.calib.hessian(name)
+        opts = []
+        options[name] = {}
+        for i, (label, fmt_name, bs) in enumerate(
+            _bit_options(run.format, run.block_size, arr.shape[-1])
+        ):
+            try:
+                qt, _ = _quantize_one(arr, run, fmt_name, bs, h)
+            except (TypeError, ValueError) as exc:
+                if i == 0:  # the format itself fails: as without target_bits
+                    raise ValueError(f"{f.path}: tensor {name!r}: {exc}") from None
+                continue  # e.g. mxfp4 has no block 16
+            recon = qt.dequantize(np.float64)
+            err = _h_error(_as_float64(arr, recon), recon, h)
+            opts.append((label, 8 * _stored_bytes(qt) / arr.size, err))
+            options[name][label] = (label, fmt_name, bs)
+            del qt, recon
+        layers.append(LayerChoice(name, int(arr.size), opts))
+        del arr
+        f.release(name)
+    if not layers:
+        return
+    for name, label in plan_mixed(layers, target).items():
+        plan[name].choice = options[name][label]
 
 
 # --------------------------------------------------------------------------- reading
