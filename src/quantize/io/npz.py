@@ -19,6 +19,17 @@ from numpy.lib import format as npy_format
 
 #: read members in pieces of this size, so memory follows the bytes that really decompress
 _CHUNK = 1 << 20
+#: what reading a damaged archive raises, besides ValueError
+READ_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    OSError,
+    RuntimeError,
+    NotImplementedError,
+    KeyError,
+    OverflowError,
+)
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -47,17 +58,20 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ValueError(f"{p}: not a readable .npz: {exc}") from None
     except FileNotFoundError:
         raise ValueError(f"{p}: no such file") from None
-    except (
-        zipfile.BadZipFile,
-        zlib.error,
-        EOFError,
-        OSError,
-        RuntimeError,
-        NotImplementedError,
-        KeyError,
-        OverflowError,
-    ) as exc:
+    except READ_ERRORS as exc:
         raise ValueError(f"{p}: not a readable .npz ({type(exc).__name__}: {exc})") from None
+
+
+def load_npz_member(path: str | os.PathLike, key: str) -> np.ndarray:
+    """One array of an .npz by name, checked as `load_npz` checks each; ValueError naming the
+    key. Reads only that member, so a file of many large arrays never sits in memory whole."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return _read_member(z, z.getinfo(key + ".npy"))
+    except ValueError as exc:
+        raise ValueError(f"{path}: key {key!r}: {exc}") from None
+    except READ_ERRORS as exc:
+        raise ValueError(f"{path}: key {key!r}: unreadable ({type(exc).__name__}: {exc})") from None
 
 
 def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:

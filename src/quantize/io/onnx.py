@@ -1750,17 +1750,7 @@ def quantize_onnx_file(
 # checking a quantized model against its float original
 
 
-_ORT_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
+from .calibration import _ORT_TYPES  # noqa: E402  (onnxruntime's type names -> NumPy)
 
 
 def _session(path: Path, config: dict[str, str] | None):

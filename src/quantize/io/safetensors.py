@@ -1002,27 +1002,9 @@ def _npz_names(path: Path) -> list[str]:
 def _npz_array(path: Path, key: str) -> np.ndarray:
     """One array of an .npz, read as `npz.load_npz` reads each (no pickles, no blind allocation);
     one at a time, so a calib file of every layer's Hessian never sits in memory whole."""
-    import zipfile
-    import zlib
+    from .npz import load_npz_member
 
-    from .npz import _read_member
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            return _read_member(z, z.getinfo(key + ".npy"))
-    except ValueError as exc:
-        raise ValueError(f"{path}: key {key!r}: {exc}") from None
-    except (
-        zipfile.BadZipFile,
-        zlib.error,
-        EOFError,
-        OSError,
-        RuntimeError,
-        NotImplementedError,
-        KeyError,
-        OverflowError,
-    ) as exc:
-        raise ValueError(f"{path}: key {key!r}: unreadable ({type(exc).__name__}: {exc})") from None
+    return load_npz_member(path, key)
 
 
 @dataclass
