@@ -180,24 +180,25 @@ def _e2m1_value_ir(builder, c):
     return builder.bitcast(builder.or_(mag, sign), _F32)
 
 
-@intrinsic
-def _e2m1_low(typingctx, byte):
-    """The E2M1 value of a byte's low nibble, float32."""
+def nibble_value_intrinsics(value_ir, what: str):
+    """(low, high): numba intrinsics giving the float32 value (`value_ir(builder, code)`) of a
+    byte's low and high nibble; `what` names the format in their docstrings."""
 
-    def codegen(context, builder, sig, args):
-        return _e2m1_value_ir(builder, builder.zext(args[0], _I32))
+    def make(high: bool):
+        def nibble(typingctx, byte):
+            def codegen(context, builder, sig, args):
+                code = builder.zext(args[0], _I32)
+                return value_ir(builder, builder.lshr(code, _c32(4)) if high else code)
 
-    return types.float32(types.uint8), codegen
+            return types.float32(types.uint8), codegen
+
+        nibble.__doc__ = f"The {what} value of a byte's {'high' if high else 'low'} nibble."
+        return intrinsic(nibble)
+
+    return make(False), make(True)
 
 
-@intrinsic
-def _e2m1_high(typingctx, byte):
-    """The E2M1 value of a byte's high nibble, float32."""
-
-    def codegen(context, builder, sig, args):
-        return _e2m1_value_ir(builder, builder.lshr(builder.zext(args[0], _I32), _c32(4)))
-
-    return types.float32(types.uint8), codegen
+_e2m1_low, _e2m1_high = nibble_value_intrinsics(_e2m1_value_ir, "E2M1")
 
 
 # --- 16-element units in LLVM vector IR ---------------------------------------------------------

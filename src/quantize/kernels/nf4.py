@@ -47,6 +47,7 @@ from .fp4 import (
     _splat,
     _target_has,
     _vfunc,
+    nibble_value_intrinsics,
 )
 from .int4 import _F32, _I32, _c32, _load, _pack2, _store
 
@@ -94,24 +95,7 @@ def _nf4_value_ir(builder, c):
     return vals[0]
 
 
-@intrinsic
-def _nf4_low(typingctx, byte):
-    """The NF4 value of a byte's low nibble, float32."""
-
-    def codegen(context, builder, sig, args):
-        return _nf4_value_ir(builder, builder.zext(args[0], _I32))
-
-    return types.float32(types.uint8), codegen
-
-
-@intrinsic
-def _nf4_high(typingctx, byte):
-    """The NF4 value of a byte's high nibble, float32."""
-
-    def codegen(context, builder, sig, args):
-        return _nf4_value_ir(builder, builder.lshr(builder.zext(args[0], _I32), _c32(4)))
-
-    return types.float32(types.uint8), codegen
+_nf4_low, _nf4_high = nibble_value_intrinsics(_nf4_value_ir, "NF4")
 
 
 def _nf4_code_vec(builder, v, nan_aware=False):
