@@ -45,8 +45,11 @@ torch and transformers (not needed by quantize):
           model(**batch)
   np.savez("calib.npz", **{k + ".hessian": v.numpy() for k, v in H.items()})
 
---method gptq needs --calib; --method awq is refused: awq needs the preceding operator to
-fold its scales into, which a checkpoint does not give (use gptq, or the onnx command).
+--method gptq needs --calib. --method awq (and awq+gptq: GPTQ on the AWQ-scaled weights)
+needs --calib with NAME.inputs samples and a Llama-style model (config.json's model_type
+llama, mistral, qwen2 or qwen3 next to IN): each group's scales are folded into the norm or
+Linear layer before it (input_layernorm, v_proj, post_attention_layernorm, up_proj), which
+stay float; other models are refused.
 --target-bits B picks per weight the format at the block size, at block 32, or int8/uint8,
 keeping the stored bits (codes + scales + zero points) per quantized weight <= B with the
 least error (output error with --calib, else relative squared error).
@@ -140,13 +143,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--method",
-        choices=["rtn", "mse", "hqq", "gptq", "awq"],
+        choices=["rtn", "mse", "hqq", "gptq", "awq", "awq+gptq"],
         default="rtn",
         help="how block scales are chosen: rtn (the format's rule), mse (clipping search, "
         "least squared error per block), hqq (half-quadratic optimisation), gptq (needs "
-        "--calib: rounding errors pushed onto the inputs not yet done); awq is refused (no "
-        "preceding operator to fold its scales into: use gptq or the onnx command) "
-        "(default: rtn)",
+        "--calib: rounding errors pushed onto the inputs not yet done), awq (needs --calib "
+        "inputs and a Llama-style model: scales folded into the norms and v_proj/up_proj), "
+        "awq+gptq (gptq on awq's scaled weights) (default: rtn)",
     )
     p.add_argument(
         "--calib",

@@ -48,6 +48,7 @@ from ..tensor import QuantizedTensor
 from . import compressed_tensors as ct
 from ._stfile import DTYPES, WEIGHT_FLOATS, SafetensorsFile, SafetensorsWriter, dtype_code
 from .atomic import OutputError, atomic_dir, atomic_path, check_output
+from .awq_fold import AWQ_METHODS, AwqFold, build_fold, check_model
 
 #: bump when the layout changes in a way older readers would misread
 LAYOUT_VERSION = 1
@@ -469,6 +470,7 @@ class _Run:
     method: str = "rtn"
     nan: str = "raise"
     calib: _Calib | None = None
+    awq: AwqFold | None = None  # method awq / awq+gptq: the scales and what they fold into
 
 
 def quantize_safetensors(
@@ -504,9 +506,10 @@ def quantize_safetensors(
     int4/uint4/int8/uint8, 2-d weights quantized along their last axis; config.json gets the
     quantization_config). method: how block scales are chosen ("rtn", "mse", "hqq": the
     data-free methods of `quantize.algorithms`), or "gptq" (needs calib; weights without
-    calibration data get rtn, noted in their row; "awq" is refused: its scales need an
-    operator to fold into). nan: "raise" (a NaN/Inf is an error naming the tensor) or "zero"
-    (as `quantize_tensor`'s nan=).
+    calibration data get rtn, noted in their row), "awq" / "awq+gptq" (need calib's
+    NAME.inputs and a Llama-style model named by config.json: scales folded into the norms
+    and v_proj/up_proj, `io/awq_fold.py`; rows say each group's alpha). nan: "raise" (a
+    NaN/Inf is an error naming the tensor) or "zero" (as `quantize_tensor`'s nan=).
     calib: an .npz path or a dict of arrays: per 2-d weight NAME (out, in), `NAME.hessian`
     (in, in) = X^T X of the layer's inputs, or `NAME.inputs` (rows, in) samples of them
     (docs/safetensors-layout.md). With it, rows gain "output_error" and "output_error_rtn"
@@ -542,15 +545,15 @@ def quantize_safetensors(
         raise TypeError(f"clip_ratio must be a number in (0, 1], got {clip_ratio!r}")
     if not 0 < clip_ratio <= 1:
         raise ValueError(f"clip_ratio must be a number in (0, 1], got {clip_ratio!r}")
-    if method == "awq":
-        raise ValueError(
-            "method 'awq': awq needs the preceding operator to fold its scales into (a "
-            "safetensors checkpoint has none); use gptq, or the onnx command"
-        )
-    if method == "gptq":
+    if method in AWQ_METHODS:
+        # the architecture names the operators that take the scales (io/awq_fold.py)
+        check_model(resolve(src), method)
+        if target_bits is not None:
+            raise ValueError(f"method {method!r} does not combine with target_bits (yet)")
+    if method in ("gptq", *AWQ_METHODS):
         if calib is None:
             raise ValueError(
-                "method 'gptq' needs calib= (--calib FILE.npz): see docs/safetensors-layout.md"
+                f"method {method!r} needs calib= (--calib FILE.npz; docs/safetensors-layout.md)"
             )
     else:
         from ..algorithms import get_method
@@ -604,6 +607,8 @@ def quantize_safetensors(
         plan = _plan(opened, run)
         if run.calib is not None:
             run.calib.check(opened, plan)
+        if method in AWQ_METHODS:
+            run.awq = build_fold(opened, plan, run)
         if target_bits is not None:
             _plan_bits(opened, plan, run, float(target_bits))
         if source.single:
@@ -703,6 +708,7 @@ def _convert_parallel(opened: _Opened, tmp: Path, plan, run: _Run, jobs: int):
                 method=run.method,
                 nan=run.nan,
                 calib=None if run.calib is None else run.calib.subset(f.tensors),
+                awq=run.awq,
                 selection=run.selection,
                 progress=None,
                 ct_ignore=run.ct_ignore,
@@ -828,19 +834,30 @@ def _convert_file(
             _test_pause(run)
             p = plan[name]
             if not p.quantize:
-                w.add_raw(name, info.dtype, info.shape, f.raw(name))
+                note = p.note
+                if run.awq is not None and run.awq.touches(name):  # a norm (or bias) AWQ divides
+                    w.add(name, run.awq.fold(name, f.array(name)))
+                    note = "; ".join(filter(None, (note, run.awq.describe(name))))
+                else:
+                    w.add_raw(name, info.dtype, info.shape, f.raw(name))
                 f.release(name)
-                _emit(run, _kept_row(name, info, out_name, p.note))
+                _emit(run, _kept_row(name, info, out_name, note))
                 continue
-            arr = f.array(name)
+            arr = arr0 = f.array(name)
             start = time.perf_counter()
-            h = None if run.calib is None else run.calib.hessian(name)
+            h = h0 = None if run.calib is None else run.calib.hessian(name)
             fmt_name, bs = (run.format, run.block_size) if p.choice is None else p.choice[1:]
+            if run.awq is not None:  # quantize the folded weight; errors against the original
+                arr, h = run.awq.fold(name, arr0), run.awq.hessian(name, h0)
             try:
                 qt, used = _quantize_one(arr, run, fmt_name, bs, h)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{f.path}: tensor {name!r}: {exc}") from None
-            extras = _calib_fields(arr, qt, used, run, fmt_name, bs, h)
+            if run.awq is None:
+                extras = _calib_fields(arr, qt, used, run, fmt_name, bs, h)
+            else:
+                rtn = None if h0 is None else _quantize_one(arr0, run, fmt_name, bs, None)[0]
+                extras = run.awq.fields(name, arr0, h0, qt, used, rtn)
             if p.choice is not None:
                 extras["choice"] = p.choice[0]
             if run.layout == "quantize":
@@ -1110,7 +1127,7 @@ def _check_calib_array(arr: np.ndarray, hessian: bool, k: int, where: str) -> No
 def _quantize_one(arr, run: _Run, fmt_name: str, block_size, h) -> tuple[QuantizedTensor, str]:
     """`arr` quantized at (fmt_name, block_size) with the run's method (gptq where H is given,
     else rtn for gptq), and the method used."""
-    if run.method == "gptq" and h is not None:
+    if run.method in ("gptq", "awq+gptq") and h is not None:
         from ..algorithms.gptq import gptq_quantize
 
         k = arr.shape[1]
@@ -1119,7 +1136,7 @@ def _quantize_one(arr, run: _Run, fmt_name: str, block_size, h) -> tuple[Quantiz
         # GPTQ works on the (in, out) MatMul layout along axis 0; its rows are `out`, its
         # blocks run along `in`: the same stored bytes as (out, in) along axis 1
         return dataclasses.replace(qt, shape=tuple(qt.shape[::-1]), axis=1 - qt.axis), "gptq"
-    method = "rtn" if run.method == "gptq" else run.method
+    method = "rtn" if run.method in ("gptq", *AWQ_METHODS) else run.method
     qt = quantize_tensor(
         arr, fmt_name, block_size, run.axis, clip_ratio=run.clip_ratio, method=method, nan=run.nan
     )
