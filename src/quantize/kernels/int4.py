@@ -15,7 +15,8 @@ hold the kernels to. Quantize, per block:
   span in float64 where it overflows float32, or |extreme| / 8; then `_cover`: an all-zero block
   gets 1, a scale whose steps + 1/2 steps do not cover the span (subnormal blocks) is nudged up
   one ulp at a time.
-* codes: rint(x / scale) with IEEE division (no reciprocal), ties to even, clipped (int4_ort:
+* codes: rint(x / scale) of the IEEE quotient, ties to even, clipped (the vector loops get that
+  quotient from a reciprocal and one FMA correction, proven equal where rint can tell; int4_ort:
   roundf(x * (1 / ORT's signed scale) + 8), ties up), two per byte, element 2i in the low
   nibble; the padding of a last block holds the code of 0 and an odd total is padded with a
   zero nibble, as `pack_nibbles` does.
@@ -26,7 +27,8 @@ finite value (float32: the float32 product; float64: the exact product; float16:
 product made round-to-odd with an fma residual, then rounded to half; bfloat16: through float32,
 as ml_dtypes casts float64).
 
-No fast-math flags anywhere: `arcp` would turn the divisions into reciprocal multiplies.
+No fast-math flags anywhere: `arcp` would turn the divisions into plain reciprocal multiplies,
+which round some quotients differently.
 
 Element types reach the kernels as: float32 and float64 arrays as they are, float16 as a uint16
 view and bfloat16 as an int16 view of the same bytes (numba has no CPU float16/bfloat16),
@@ -36,7 +38,7 @@ Rows of a C-contiguous (rows, n) array are independent; the parallel loop runs o
 of blocks) work items, so one long row and many short rows both use every thread. An item
 starts on a byte, so no byte is shared between threads, and the results do not depend on the
 thread count. Quantize makes two passes over an item (a few KiB, so the second reads L1): the
-scales first, prefetching the row ahead, then the codes. numba's on-disk cache keys on each
+scales first, then the codes, prefetching the next item's input. numba's on-disk cache keys on each
 kernel's own file: after editing helpers here, clear `__pycache__`.
 """
 

@@ -1,12 +1,24 @@
-"""16-lane kernels of the integer formats: int4_ort quantize, int4 and uint4 dequantize.
+"""16-lane kernels of the integer formats: int4, uint4 and int4_ort quantize, int4 and uint4
+dequantize.
 
 Importing this module imports numba (`quantize.kernels` imports it only on first use). These
-kernels run whole blocks of a multiple of 16 elements through `fp4`'s LLVM vector IR loops
-(`_codes_blocks`, `_dequant_blocks`: one 16-lane op where numba's own loops deinterleave the
-nibbles with 512-bit permutes and then work in 8-lane halves); `fp4` builds on the scalar helpers
-of `int4`, so they live here, apart from both. int4 and uint4 quantize stay in `int4` (numba
-loops: there the IEEE division per element bounds the speed, and they vectorise it as well), and
-are re-exported here so that this module holds every integer kernel.
+kernels run whole blocks of a multiple of 16 elements through LLVM vector IR loops (`fp4`'s
+`_codes_blocks`, `_dequant_blocks`, `_amax_blocks`, and `_int_codes_blocks` here: one 16-lane
+op where numba's own loops deinterleave the nibbles with 512-bit permutes and then work in
+8-lane halves); the scalar rules and helpers are `int4`'s, which `fp4` also builds on.
+
+int4 and uint4 quantize, per work item (a run of blocks in one row, `int4`'s layout), in two
+passes, both vectorised:
+
+1. the scales (uint4: and zero points) of 16 whole blocks at a time: the block maxima of the
+   int32 keys (`bits & 0x7fffffff`; uint4: bits and bits ^ 0x80000000) folded by a tree of
+   shuffles into one vector (int4: `fp4._row_amax`; uint4: `_uint4_param_groups`), then the
+   format's rule on the vector. The rare blocks the vectorised rule leaves out (nudged or
+   subnormal scales, a span that overflows float32) send the item to the exact scalar rules.
+2. the codes, rint(q) clipped, from q = x / scale rounded once to float32, computed as a
+   reciprocal multiply with one FMA correction, which equals the IEEE division wherever it
+   matters (`_int_codes_blocks` has the argument and its exhaustive check); the next item's
+   input is prefetched meanwhile, so that its memory reads overlap this pass's arithmetic.
 
 int4_ort (ONNX Runtime's MatMulNBits rule, `formats.integer.OrtInt4`, bit for bit), per block:
 the extreme e by int32 max-reductions over the float32 bits (`int4._range_keys`), scale =
@@ -28,12 +40,34 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-from .fp4 import _V32, _VF, _W, _codes_blocks, _dequant_blocks, _splat, _vfunc
+from .fp4 import (
+    _V32,
+    _V64,
+    _VF,
+    _W,
+    _codes_blocks,
+    _dequant_blocks,
+    _div32,
+    _fold,
+    _prefetch_ir,
+    _ptr,
+    _row_amax,
+    _splat,
+    _target_has,
+    _vfunc,
+    _vload,
+    _vsplat,
+    _vstore_packed,
+)
 from .int4 import (
     _F32,
+    _I32,
     _ONE,
+    _SEVEN,
     _c32,
     _code_int4,
     _code_ort,
@@ -86,10 +120,27 @@ def _clamp(builder, c, lo, hi):
     return builder.select(builder.icmp_signed(">", c, _splat(hi)), _splat(hi), c)
 
 
-def _int4_code_vec(builder, q, nan_aware):
-    """int4 codes of q = x / scale: rint (ties to even) clipped to [-8, 7], as 4-bit two's
-    complement (|q| <= 7.5 for the scales the kernels choose: the conversion is exact)."""
-    return builder.and_(_clamp(builder, _rint_i32(builder, q), -8, 7), _splat(15))
+def _int4_code_raw_vec(builder, q, nan_aware):
+    """int4 codes of q = x / scale: rint (ties to even) clipped to [-8, 7], in two's complement
+    with bits above the low 4 left set (`_vstore_nibbles` drops them). |q| <= 7.5 for the scales
+    the kernels choose (amax <= 7.5 * scale), so the conversion is exact and rint(q) >= -8: only
+    the upper clip is needed."""
+    c = _rint_i32(builder, q)
+    return builder.select(builder.icmp_signed(">", c, _splat(7)), _splat(7), c)
+
+
+def _vstore_nibbles(context, builder, arrty, arr, off, codes):
+    """16 codes (<16 x i32>; only the low 4 bits count) -> 8 bytes at `off`, element 2i in the
+    low nibble: per 64-bit lane, the low nibble of the low code and the next 4 bits from the
+    lane shifted right by 28 (the high code's low nibble). One op fewer than masking each code
+    to 4 bits first and then packing as `fp4._vstore_packed` does."""
+    v = builder.bitcast(codes, _V64)
+    t = builder.lshr(v, ir.Constant(_V64, [28] * (_W // 2)))
+    lo = builder.and_(v, ir.Constant(_V64, [0x0F] * (_W // 2)))
+    v = builder.or_(lo, builder.and_(t, ir.Constant(_V64, [0xF0] * (_W // 2))))
+    b = builder.trunc(v, ir.VectorType(ir.IntType(8), _W // 2))
+    ptr = _ptr(context, builder, arrty, arr, off)
+    builder.store(b, builder.bitcast(ptr, b.type.as_pointer()), align=1)
 
 
 def _uint4_code_vec(builder, q, nan_aware, zp):
@@ -107,16 +158,218 @@ def _uint4_value_vec(builder, c, zp):
     return builder.sitofp(builder.sub(c, _isplat(builder, zp)), _VF)
 
 
+#: scales in [2**-60, 2**60] take the reciprocal path of `_int_codes_blocks`: every intermediate
+#: of a quotient that can round to a different integer stays normal there (see its docstring)
+_RCP_MIN, _RCP_MAX = 2.0**-60, 2.0**60
+
+
+def _int_codes_blocks(encode, zero_points=False, store=_vstore_packed):
+    """An intrinsic (x_row, packed_row, scales_row, [zero_points_row,] b0, b1, bs, ahead) ->
+    None: the codes of the whole blocks b0..b1-1 of a row (bs % 16 == 0), 16 at a time, from
+    q = the float32 quotient x / s of each block's scale s, every line of the input prefetched
+    `ahead` elements further on.
+
+    q is not computed by a division (`vdivps` bound the kernel: 10 cycles per 16 elements) but
+    by the reciprocal with one correction: inv = 1 / s, y = x * inv, r = fma(-y, s, x) (the
+    residual), q = fma(r, inv, y), each rounded once to nearest. y is within 2 ulps of x / s, so
+    q = (x / s + e) rounded once with |e| <= 4.01 * 2**-48 * |x / s|: q is x / s rounded, or its
+    neighbour when x / s lies within e of a rounding boundary. rint(q) can then differ from
+    rint(x / s rounded) only if one of the two is a half-integer h, that is for x within 2 ulps
+    of s * h. Checked exhaustively (tests/test_kernels_intspeed.py has the script): for every
+    float32 mantissa of s, h = 0.5 .. 16.5 and x within 8 ulps of s * h (2.4e9 pairs), q equals
+    x / s rounded; a plain x * inv differs in rint for 1.6% of them. The operations scale
+    exactly with s while every intermediate is normal, which holds for s in [_RCP_MIN, _RCP_MAX]
+    and |x / s| >= 2**-8 (below that every path gives rint 0); other scales, and targets without
+    FMA, divide. int4 quotients stay within [-7.5, 7.5], uint4's within [-15.5, 15.5].
+    """
+    use_fma = _target_has("fma")
+
+    def codegen(context, builder, sig, args):
+        xty, pty, sty = sig.args[:3]
+        xa, pa, sa = args[:3]
+        if zero_points:
+            zty, za = sig.args[3], args[3]
+        b0v, b1v, bsv, aheadv = args[-4:]
+        intp = b0v.type
+        units = builder.udiv(bsv, intp(_W))
+        line = intp(max(1, 64 // context.get_abi_sizeof(context.get_data_type(xty.dtype))))
+        xdata = context.make_array(xty)(context, builder, xa).data
+        sdata = context.make_array(sty)(context, builder, sa).data
+        fma = _vfunc(builder, "llvm.fma.v16f32", _VF, [_VF, _VF, _VF])
+
+        def run(s0, scale, inv, zp):
+            sv = _vsplat(builder, scale)
+            iv = None if inv is None else _vsplat(builder, inv)
+            with cgutils.for_range(builder, units) as loop:
+                o = builder.add(s0, builder.mul(loop.index, intp(_W)))
+                v = _vload(context, builder, xty, xa, o)
+                if iv is None:
+                    q = builder.fdiv(v, sv)
+                else:
+                    y = builder.fmul(v, iv)
+                    r = builder.call(fma, [builder.fneg(y), sv, v])
+                    q = builder.call(fma, [r, iv, y])
+                c = encode(builder, q, False, *zp)
+                store(context, builder, pty, pa, builder.udiv(o, intp(2)), c)
+
+        with cgutils.for_range_slice(builder, b0v, b1v, intp(1), intp=intp) as (b, _):
+            s0 = builder.mul(b, bsv)
+            with cgutils.for_range_slice(builder, intp(0), bsv, line, intp=intp) as (j, _):
+                _prefetch_ir(builder, builder.gep(xdata, [builder.add(s0, builder.add(aheadv, j))]))
+            scale = builder.load(builder.gep(sdata, [b]))
+            zp = ()
+            if zero_points:
+                zdata = context.make_array(zty)(context, builder, za).data
+                zp = (builder.zext(builder.load(builder.gep(zdata, [b])), _I32),)
+            if not use_fma:
+                run(s0, scale, None, zp)
+            else:
+                ok = builder.and_(
+                    builder.fcmp_ordered(">=", scale, ir.Constant(_F32, _RCP_MIN)),
+                    builder.fcmp_ordered("<=", scale, ir.Constant(_F32, _RCP_MAX)),
+                )
+                with builder.if_else(ok, likely=True) as (then, otherwise):
+                    with then:
+                        run(s0, scale, builder.fdiv(ir.Constant(_F32, 1.0), scale), zp)
+                    with otherwise:
+                        run(s0, scale, None, zp)
+        return context.get_dummy_value()
+
+    tail = (types.intp, types.intp, types.intp, types.intp)
+
+    if zero_points:
+
+        @intrinsic
+        def int_codes_blocks_zp(typingctx, xr, pr, sr, zr, b0, b1, bs, ahead):
+            return types.void(xr, pr, sr, zr, *tail), codegen
+
+        return int_codes_blocks_zp
+
+    @intrinsic
+    def int_codes_blocks(typingctx, xr, pr, sr, b0, b1, bs, ahead):
+        return types.void(xr, pr, sr, *tail), codegen
+
+    return int_codes_blocks
+
+
+@intrinsic
+def _uint4_param_groups(typingctx, xr, sr, zr, b0, b1, bs):
+    """uint4 scales and zero points (`int4._uint4_params`) of the whole blocks b0..b1-1 of a row
+    (float32 or half input, bs % 16 == 0), 16 blocks at a time: per block the lane-wise int32
+    maxima of the bits and of bits ^ 0x80000000 (`int4._range_keys`), folded by a tree of
+    shuffles into one vector of 16 blocks' keys each, then the rule on 16 blocks at once. Returns
+    the first block not done (b0 + a multiple of 16), or -1 if some block of the row's groups
+    needs what this leaves out (a span that overflows float32, `_cover`'s nudge, a subnormal
+    scale): the caller then applies the exact scalar rule to all of them."""
+
+    def codegen(context, builder, sig, args):
+        xty, sty, zty = sig.args[:3]
+        xa, sa, za, b0v, b1v, bsv = args
+        intp = b0v.type
+        units = builder.udiv(bsv, intp(_W))
+        sdata = context.make_array(sty)(context, builder, sa).data
+        zdata = context.make_array(zty)(context, builder, za).data
+        bad = cgutils.alloca_once_value(builder, ir.Constant(ir.IntType(1), 0))
+        top = _splat(-0x80000000)
+        v64 = ir.VectorType(ir.DoubleType(), _W)
+
+        def vmax(x, y):
+            return builder.select(builder.icmp_signed(">", x, y), x, y)
+
+        def block_keys(b):
+            s0 = builder.mul(b, bsv)
+
+            def keys(o):
+                v = builder.bitcast(_vload(context, builder, xty, xa, o), _V32)
+                return v, builder.xor(v, top)
+
+            h0, l0 = keys(s0)
+            hacc = cgutils.alloca_once_value(builder, h0)
+            lacc = cgutils.alloca_once_value(builder, l0)
+            with cgutils.for_range_slice(builder, intp(1), units, intp(1), intp=intp) as (u, _):
+                h, lw = keys(builder.add(s0, builder.mul(u, intp(_W))))
+                builder.store(vmax(builder.load(hacc), h), hacc)
+                builder.store(vmax(builder.load(lacc), lw), lacc)
+            return builder.load(hacc), builder.load(lacc)
+
+        def tree(vs):
+            width = _W
+            while len(vs) > 1:
+                vs = [_fold(builder, vs[i], vs[i + 1], width) for i in range(0, len(vs), 2)]
+                width //= 2
+            return vs[0]
+
+        n16 = builder.udiv(builder.sub(b1v, b0v), intp(_W))
+        zero = _splat(0)
+        fz = _splat(0.0, _F32)
+        with cgutils.for_range(builder, n16) as loop:
+            g = builder.add(b0v, builder.mul(loop.index, intp(_W)))
+            ks = [block_keys(builder.add(g, intp(i))) for i in range(_W)]
+            hk = vmax(tree([k[0] for k in ks]), zero)  # lane i: block g + i
+            lk = vmax(tree([k[1] for k in ks]), zero)
+            hi = builder.bitcast(hk, _VF)
+            lo = builder.select(
+                builder.icmp_signed(">", lk, zero), builder.fneg(builder.bitcast(lk, _VF)), fz
+            )
+            span = builder.fsub(hi, lo)
+            flat = builder.fcmp_ordered("==", span, fz)
+            scale = builder.fdiv(span, _splat(15.0, _F32))
+            short = builder.fcmp_ordered(
+                "<",
+                builder.fmul(builder.fpext(scale, v64), _splat(15.5, ir.DoubleType())),
+                builder.fpext(span, v64),
+            )
+            tiny = builder.fcmp_ordered("<", scale, _splat(float(np.finfo(np.float32).tiny), _F32))
+            inf = builder.fcmp_ordered("==", span, _splat(float("inf"), _F32))
+            odd = builder.and_(builder.or_(builder.or_(short, tiny), inf), builder.not_(flat))
+            anyodd = builder.call(
+                _vfunc(builder, "llvm.vector.reduce.or.v16i1", ir.IntType(1), [odd.type]), [odd]
+            )
+            builder.store(builder.or_(builder.load(bad), anyodd), bad)
+            rint = _vfunc(builder, "llvm.rint.v16f32", _VF, [_VF])
+            z = builder.fneg(builder.call(rint, [builder.fdiv(lo, scale)]))
+            z = builder.select(builder.fcmp_ordered(">", z, fz), z, fz)
+            z = builder.select(
+                builder.fcmp_ordered("<", z, _splat(15.0, _F32)), z, _splat(15.0, _F32)
+            )
+            zi = builder.select(flat, zero, builder.fptosi(z, _V32))
+            scale = builder.select(flat, _splat(1.0, _F32), scale)
+            ptr = builder.bitcast(builder.gep(sdata, [g]), _VF.as_pointer())
+            builder.store(scale, ptr, align=4)
+            z8 = builder.trunc(zi, ir.VectorType(ir.IntType(8), _W))
+            builder.store(
+                z8, builder.bitcast(builder.gep(zdata, [g]), z8.type.as_pointer()), align=1
+            )
+        done = builder.add(b0v, builder.mul(n16, intp(_W)))
+        return builder.select(builder.load(bad), intp(-1), done)
+
+    return types.intp(xr, sr, zr, types.intp, types.intp, types.intp), codegen
+
+
 #: the `fmt` argument of `quantize_int` (and how `quantize.kernels` picks the rule)
 INT4, UINT4, INT4_ORT = 0, 1, 2
 
-_int4_codes = _codes_blocks("div", _int4_code_vec)
-_uint4_codes = _codes_blocks("div", _uint4_code_vec, zero_points=True)
+_int4_codes = _int_codes_blocks(_int4_code_raw_vec, store=_vstore_nibbles)
+_uint4_codes = _int_codes_blocks(_uint4_code_vec, zero_points=True)
 _ort_codes = _codes_blocks("inv", _ort_code_vec, zero_points=True)
 _int4_values = _dequant_blocks(_int4_value_vec)
 _uint4_values = _dequant_blocks(_uint4_value_vec, zero_points=True)
 _int4_values_nt = _dequant_blocks(_int4_value_vec, stream=True)
 _uint4_values_nt = _dequant_blocks(_uint4_value_vec, zero_points=True, stream=True)
+
+
+@njit(inline="always")
+def _int4_scales(sb):
+    """Block amaxes in `sb` -> int4 scales amax / 7 (1 for 0), in place, in a loop LLVM
+    vectorises; True if some block needs `_cover`'s nudge (subnormal amax / 7: the caller then
+    redoes the item by the exact rule)."""
+    bad = False
+    for i in range(sb.shape[0]):
+        a = sb[i]
+        scale = _ONE if a == 0 else _div32(a, _SEVEN)
+        bad |= np.float64(scale) * 7.5 < np.float64(a)
+        sb[i] = scale
+    return bad
 
 
 @njit(inline="always")
@@ -152,8 +405,17 @@ def quantize_int(x, packed, scales, zero_points, bs, chunk, fmt):
         pr = packed[r]
         sr = scales[r]
         zr = zero_points[min(r, zero_points.shape[0] - 1)]
-        # pass 1: every block's scale (their latency chains overlap), prefetching the row ahead
-        for b in range(b0, b1):
+        # pass 1: every block's scale (their latency chains overlap). int4 and uint4: the
+        # reductions 16 blocks at a time, then the rule across blocks (both vectorised); the
+        # exact scalar rule for the rest and wherever a vectorised rule leaves something out
+        fast_end = max(b0, min(b1, n // bs)) if bs % _W == 0 else b0
+        done = b0
+        if fmt == INT4:
+            _row_amax(xr, sr, b0, b1, bs, n)
+            done = b0 if _int4_scales(sr[b0:b1]) else b1
+        elif fmt == UINT4:
+            done = max(b0, _uint4_param_groups(xr, sr, zr, b0, fast_end, bs))
+        for b in range(done, b1):
             s0 = b * bs
             e = min(s0 + bs, n)
             _prefetch_ahead(x, r * n + s0, e - s0, total)
@@ -162,14 +424,14 @@ def quantize_int(x, packed, scales, zero_points, bs, chunk, fmt):
             if fmt != INT4:
                 zr[b] = np.uint8(zp)
         # pass 2: the codes of whole blocks of a multiple of 16, 16 at a time (the input is in
-        # L1/L2 by now: no prefetch)
-        fast_end = max(b0, min(b1, n // bs)) if bs % _W == 0 else b0
+        # L1/L2 by now), prefetching the next item's input meanwhile
+        ahead = (b1 - b0) * bs
         if fmt == INT4:
-            _int4_codes(xr, pr, sr, b0, fast_end, bs, _ONE, 0)
+            _int4_codes(xr, pr, sr, b0, fast_end, bs, ahead)
         elif fmt == UINT4:
-            _uint4_codes(xr, pr, sr, zr, b0, fast_end, bs, _ONE, 0)
+            _uint4_codes(xr, pr, sr, zr, b0, fast_end, bs, ahead)
         else:
-            _ort_codes(xr, pr, sr, zr, b0, fast_end, bs, _ONE, 0)
+            _ort_codes(xr, pr, sr, zr, b0, fast_end, bs, _ONE, ahead)
         # other block sizes and the padded last block: nibble by nibble (items start on a byte)
         low = np.int32(0)  # the pending low nibble
         for b in range(fast_end, b1):
