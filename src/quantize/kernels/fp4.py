@@ -74,12 +74,13 @@ from .int4 import (
     _abs_key,
     _bits,
     _c32,
+    _close_row,
     _f16_product_sat,
     _f32_sat,
     _f32_to_bf16_sat,
     _from_bits,
     _load,
-    _pack2,
+    _put_nibble,
     _store,
 )
 
@@ -901,14 +902,8 @@ def quantize_e2m1(x, packed, scales, bs, chunk, mode, ts, have_amax):
             d = sr[b] if mode != MODE_NVFP4 else _mul32(sr[b], ts)
             for j in range(bs):
                 c = _e2m1_div_any(_load(xb, j), d) if s0 + j < n else np.int32(0)
-                p = s0 + j
-                if p % 2 == 0:
-                    low = c
-                else:
-                    pr[p // 2] = _pack2(low, c)
-        end = b1 * bs
-        if end % 2 == 1:  # odd total: a zero high nibble pads the row's last byte
-            pr[end // 2] = _pack2(low, np.int32(0))
+                low = _put_nibble(pr, s0 + j, c, low)
+        _close_row(pr, b1 * bs, low)
 
 
 # --- unpack + dequantize --------------------------------------------------------------------------

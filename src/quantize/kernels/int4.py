@@ -427,6 +427,22 @@ def _pack2(typingctx, low, high):
 
 
 @njit(inline="always")
+def _put_nibble(packed, p, c, low):
+    """Code `c` of element p into `packed` (element 2i low nibble); returns the pending low."""
+    if p % 2 == 0:
+        return c
+    packed[p // 2] = _pack2(low, c)
+    return low
+
+
+@njit(inline="always")
+def _close_row(packed, end, low):
+    """An odd element count `end`: the pending low nibble goes out with a zero high nibble."""
+    if end % 2 == 1:
+        packed[end // 2] = _pack2(low, np.int32(0))
+
+
+@njit(inline="always")
 def _prefetch_ahead(x, flat0, length, total):
     line = 64 // x.itemsize
     ahead = _PREFETCH_BYTES // x.itemsize

@@ -69,6 +69,7 @@ from .int4 import (
     _ONE,
     _SEVEN,
     _c32,
+    _close_row,
     _code_int4,
     _code_ort,
     _code_ort_div,
@@ -81,8 +82,8 @@ from .int4 import (
     _low_u4,
     _ort_params,
     _ort_signed,
-    _pack2,
     _prefetch_ahead,
+    _put_nibble,
     _store,
     _uint4_params,
 )
@@ -451,14 +452,8 @@ def quantize_int(x, packed, scales, zero_points, bs, chunk, fmt):
                     c = _code_ort_div(_load(xb, j), s, flip)
                 else:
                     c = _code_ort(_load(xb, j), rcp, flip)
-                p = s0 + j
-                if p % 2 == 0:
-                    low = c
-                else:
-                    pr[p // 2] = _pack2(low, c)
-        end = b1 * bs
-        if end % 2 == 1:  # odd total: a zero high nibble pads the row's last byte
-            pr[end // 2] = _pack2(low, np.int32(0))
+                low = _put_nibble(pr, s0 + j, c, low)
+        _close_row(pr, b1 * bs, low)
 
 
 # --- unpack + dequantize --------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from .fp4 import (
     _vfunc,
     nibble_value_intrinsics,
 )
-from .int4 import _F32, _I32, _c32, _load, _pack2, _store
+from .int4 import _F32, _I32, _c32, _close_row, _load, _put_nibble, _store
 
 _ONE = np.float32(1.0)
 _ZERO_CODE = np.int32(7)
@@ -202,14 +202,8 @@ def quantize_nf4(x, packed, scales, bs, chunk, have_scales):
                     c = _nf4_div(_load(xb, j), scale)
                 else:
                     c = _nf4_mul(_load(xb, j), inv)
-                p = s0 + j
-                if p % 2 == 0:
-                    low = c
-                else:
-                    pr[p // 2] = _pack2(low, c)
-        end = b1 * bs
-        if end % 2 == 1:  # odd total: a zero high nibble pads the row's last byte
-            pr[end // 2] = _pack2(low, np.int32(0))
+                low = _put_nibble(pr, s0 + j, c, low)
+        _close_row(pr, b1 * bs, low)
 
 
 # --- unpack + dequantize --------------------------------------------------------------------------
