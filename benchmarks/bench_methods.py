@@ -4,6 +4,10 @@ Run by hand: python benchmarks/bench_methods.py [--quick] [--no-hqq]
 Part 1, time: quantize_tensor on 4096x4096 float32 (seeded normal) at block 32 and 128,
 kernels on and off, best of 3 after a warm-up call (which compiles or loads the kernels);
 the ratio is each method's time over rtn's on the same path.
+Part 1b, hqq (unless --no-hqq): int4 and uint4 at block 128, in one run: rtn (kernel), hqq's
+compiled path (best of 3) and its NumPy reference (QUANTIZE_KERNELS=0, one call: ~30 s each),
+with the ratios to rtn (wall, and process CPU time for the compiled path: less noisy on a
+shared machine) and whether both hqq paths gave the same bytes.
 Part 2, accuracy: SQNR (dB) of each method and its gain over rtn for int4, uint4 and nf4 at
 block 32 and 128, on gaussian and student-t(4) 4096x4096 weights. --quick uses 1024x4096.
 """
@@ -52,6 +56,45 @@ def timing(x: np.ndarray, formats: list[str], methods: list[str]) -> None:
     os.environ["QUANTIZE_KERNELS"] = "1"
 
 
+def cpu_best(fn, runs: int = 3) -> float:
+    """Least process CPU time of `runs` calls: on a shared machine it moves less than wall."""
+    times = []
+    for _ in range(runs):
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+    return min(times)
+
+
+def hqq_timing(x: np.ndarray, formats: list[str], bs: int = 128) -> None:
+    print(f"\n{'format':7s} {'block':>5s} {'rtn s':>8s} {'hqq kernel s':>13s} {'hqq numpy s':>12s}"
+          f" {'kernel/rtn':>10s} {'numpy/rtn':>10s} {'numpy/kernel':>12s} {'cpu k/rtn':>9s}"
+          " same")  # fmt: skip
+    for fmt in formats:
+        os.environ["QUANTIZE_KERNELS"] = "1"
+        quantize_tensor(x, fmt, bs)
+        quantize_tensor(x, fmt, bs, method="hqq")  # warm-up / compile
+        t_rtn = best(lambda: quantize_tensor(x, fmt, bs))  # noqa: B023
+        t_k = best(lambda: quantize_tensor(x, fmt, bs, method="hqq"))  # noqa: B023
+        c_rtn = cpu_best(lambda: quantize_tensor(x, fmt, bs))  # noqa: B023
+        c_k = cpu_best(lambda: quantize_tensor(x, fmt, bs, method="hqq"))  # noqa: B023
+        k = quantize_tensor(x, fmt, bs, method="hqq")
+        os.environ["QUANTIZE_KERNELS"] = "0"
+        start = time.perf_counter()
+        r = quantize_tensor(x, fmt, bs, method="hqq")
+        t_n = time.perf_counter() - start
+        os.environ["QUANTIZE_KERNELS"] = "1"
+        same = (
+            np.array_equal(k.data, r.data)
+            and np.array_equal(k.scales.view(np.uint32), r.scales.view(np.uint32))
+            and (k.zero_points is None or np.array_equal(k.zero_points, r.zero_points))
+        )
+        print(
+            f"{fmt:7s} {bs:5d} {t_rtn:8.3f} {t_k:13.3f} {t_n:12.1f} {t_k / t_rtn:10.1f}"
+            f" {t_n / t_rtn:10.0f} {t_n / t_k:12.0f} {c_k / c_rtn:9.1f} {same}"
+        )
+
+
 def accuracy(shape: tuple[int, int], methods: list[str]) -> None:
     rng = np.random.default_rng(0)
     data = {
@@ -75,11 +118,15 @@ def accuracy(shape: tuple[int, int], methods: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1024x4096 for the accuracy table")
-    ap.add_argument("--no-hqq", action="store_true", help="leave hqq out (it has no kernel)")
+    ap.add_argument(
+        "--no-hqq", action="store_true", help="leave hqq out (its NumPy path takes ~30 s a call)"
+    )
     args = ap.parse_args()
     methods = ["rtn", "mse"] + ([] if args.no_hqq else ["hqq"])
     x = np.random.default_rng(0).standard_normal((4096, 4096)).astype(np.float32)
     timing(x, ["int4", "uint4"], ["rtn", "mse"])
+    if not args.no_hqq:
+        hqq_timing(x, ["int4", "uint4"])
     accuracy((1024, 4096) if args.quick else (4096, 4096), methods)
 
 
