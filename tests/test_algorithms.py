@@ -2,7 +2,8 @@
 
 hqq's objective is a block's squared error as `mse.squared_error` computes it (decoded in the
 compute dtype, squares and sum in float64, padding not scored); mse's is `mse.search_error`, that
-plus dc_weight times the square of the error's sum. Property tests run every
+plus dc_weight times the square of the error's sum plus gain_weight times its gain term. Property
+tests run every
 registered format on random, heavy-tailed, odd-length, all-zero and constant data; the mse
 kernel is held to its NumPy twin bit for bit and to thread-count independence.
 """
@@ -21,6 +22,7 @@ from quantize.algorithms.mse import (
     MSE,
     MSESearch,
     block_sse,
+    gain_factor,
     ratio_grid,
     search_error,
     squared_error,
@@ -51,16 +53,19 @@ def _data(kind: str, seed: int, rows: int, n: int, dtype=np.float32) -> np.ndarr
     return x.astype(dtype)
 
 
-def per_block_sse(fmt_name: str, x: np.ndarray, qt, dc_weight: float = 0.0) -> np.ndarray:
-    """The objective of each block of x (rows, n) under qt's parameters (mse's with dc_weight)."""
+def per_block_sse(
+    fmt_name: str, x: np.ndarray, qt, dc_weight: float = 0.0, gain_weight: float = 0.0
+) -> np.ndarray:
+    """The objective of each block of x (rows, n) under qt's parameters (mse's with the
+    weights)."""
     fmt = get_format(fmt_name)
     bs, n = qt.block_size, x.shape[-1]
     dt = np.float64 if x.dtype == np.float64 else np.float32
     blocks = to_blocks(x.astype(dt), bs, -1)
     pad = n_blocks(n, bs) * bs - n
+    valid = bs - pad if pad else None
     return search_error(
-        fmt, blocks, qt.scales, qt.zero_points, qt.tensor_scale, bs - pad if pad else None,
-        dc_weight,
+        fmt, blocks, qt.scales, qt.zero_points, qt.tensor_scale, valid, dc_weight, gain_weight
     )
 
 
@@ -86,6 +91,9 @@ def test_registered():
         (lambda: MSESearch(dc_weight=-1), ValueError, "dc_weight"),
         (lambda: MSESearch(dc_weight=float("inf")), ValueError, "dc_weight"),
         (lambda: MSESearch(dc_weight="1"), TypeError, "dc_weight"),
+        (lambda: MSESearch(gain_weight=-0.5), ValueError, "gain_weight"),
+        (lambda: MSESearch(gain_weight=float("nan")), ValueError, "gain_weight"),
+        (lambda: MSESearch(gain_weight=True), TypeError, "gain_weight"),
         (lambda: HalfQuadratic(iterations=-1), ValueError, "iterations"),
         (lambda: HalfQuadratic(iterations=True), TypeError, "iterations"),
         (lambda: HalfQuadratic(p=1.5), ValueError, "p"),
@@ -118,6 +126,36 @@ def test_search_error_adds_the_error_sum():
     assert search_error(fmt, x, s, None, dc_weight=2.5)[0, 0] == want
     # the last block's padding is in neither sum
     assert search_error(fmt, x, s, None, last_valid=1, dc_weight=3.0)[0, 0] == 4.0 * e[0] ** 2
+
+
+def test_search_error_adds_the_gain_term():
+    fmt = get_format("int4")
+    x = np.array([[[0.05, 0.3, 0.7, -0.2], [0.0, 0.0, 0.0, 0.0]]], np.float32)
+    s = np.array([[0.1, 0.1]], np.float32)
+    x64 = x[0, 0].astype(np.float64)
+    e = np.array([0.0, 0.3, 0.7, -0.2], np.float32).astype(np.float64) - x64
+    g = 4 * 0.5 / block_sse(x64 * x64)  # n * gain_weight / sum(x^2)
+    assert gain_factor(x, None, 0.5)[0, 0] == g and gain_factor(x, None, 0.5)[0, 1] == 0
+    want = block_sse(e * e) + 2.0 * block_sse(e) ** 2 + g * block_sse(e * x64) ** 2
+    got = search_error(fmt, x, s, None, dc_weight=2.0, gain_weight=0.5)
+    assert got[0, 0] == want and got[0, 1] == 0  # a block of zeros: no error, no gain term
+    # padding counts in neither n nor the sums: a one-element block's gain term is e^2 g
+    one = search_error(fmt, x[:, :1], s[:, :1], None, last_valid=1, dc_weight=0.0, gain_weight=1.0)
+    assert np.isclose(one[0, 0], 2 * e[0] ** 2, rtol=1e-12) and e[0] != 0
+
+
+def test_gain_term_keeps_the_gain():
+    # uint4 mse's default objective: the stored blocks keep their scalar product with x (the
+    # "gain"), whereas plain squared error shrinks ranges and loses some of it (module docstring)
+    x = np.random.default_rng(4).standard_t(4, (128, 512)).astype(np.float32)
+
+    def lost_gain(m):
+        d = quantize_tensor(x, "uint4", 128, method=m).dequantize(np.float64) - x
+        return float(np.abs((d * x).reshape(128, 4, 128).sum(-1)).mean())
+
+    plain = MSESearch(dc_weight=0.0, gain_weight=0.0)
+    assert lost_gain("mse") < 0.8 * lost_gain(plain)
+    assert MSE.gain_weight_for("uint4") == 1.0 and MSE.gain_weight_for("int4") == 0.0
 
 
 def test_block_sse_is_sequential():
@@ -154,7 +192,8 @@ def test_never_worse_than_rtn(method, fmt, kind, seed, rows, n, bs, clip):
     rtn = quantize_tensor(x, fmt, bs, clip_ratio=clip)
     got = quantize_tensor(x, fmt, bs, clip_ratio=clip, method=method)
     dc = MSE.dc_weight_for(fmt) if method == "mse" else 0.0
-    e_rtn, e_got = per_block_sse(fmt, x, rtn, dc), per_block_sse(fmt, x, got, dc)
+    gain = MSE.gain_weight_for(fmt) if method == "mse" else 0.0
+    e_rtn, e_got = per_block_sse(fmt, x, rtn, dc, gain), per_block_sse(fmt, x, got, dc, gain)
     assert np.all(e_got <= e_rtn), (e_got - e_rtn).max()
     d_rtn = ((rtn.dequantize(np.float64) - x) ** 2).sum()
     d_got = ((got.dequantize(np.float64) - x) ** 2).sum()
@@ -169,7 +208,7 @@ def test_never_worse_than_rtn(method, fmt, kind, seed, rows, n, bs, clip):
 def test_float64_and_other_axes(method, fmt):
     x = _data("student-t", 7, 6, 50, np.float64).reshape(6, 5, 10)
     # mse with plain squared error, so that the whole tensor's error can be compared
-    m = MSESearch(dc_weight=0.0) if method == "mse" else method
+    m = MSESearch(dc_weight=0.0, gain_weight=0.0) if method == "mse" else method
     for axis in (0, 1, -1):
         rtn = quantize_tensor(x, fmt, 4, axis=axis)
         got = quantize_tensor(x, fmt, 4, axis=axis, method=m)
@@ -196,8 +235,9 @@ def test_heavy_tails_gain(fmt, method, gain):
     x = np.random.default_rng(3).standard_t(4, (256, 512)).astype(np.float32)
     bs = 16 if fmt == "nvfp4" else 32
     base = _sqnr(x, quantize_tensor(x, fmt, bs))
-    # plain squared error (dc_weight 0): the sum(e)^2 term trades some SQNR for a smaller sum(e)
-    m = MSESearch(dc_weight=0.0) if method == "mse" else method
+    # plain squared error (dc_weight, gain_weight 0): the other terms trade some SQNR for
+    # smaller systematic errors
+    m = MSESearch(dc_weight=0.0, gain_weight=0.0) if method == "mse" else method
     assert _sqnr(x, quantize_tensor(x, fmt, bs, method=m)) >= base + gain
 
 
@@ -211,7 +251,8 @@ def _same(a, b) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and same_bytes
 
 
-@pytest.mark.parametrize("dc", [None, 0.0])  # None: the default objective
+# None: the default objective; (0, 0): plain squared error; (1.5, 0.25): both terms, any format
+@pytest.mark.parametrize("weights", [None, (0.0, 0.0), (1.5, 0.25)])
 @pytest.mark.parametrize("fmt", ["int4", "uint4"])
 @settings(max_examples=60, deadline=None)
 @given(
@@ -222,14 +263,17 @@ def _same(a, b) -> bool:
     bs=st.sampled_from([1, 2, 5, 8, 16, 32, 33, 64, None]),
     clip=st.sampled_from([1.0, 0.7, 1e-3]),
 )
-def test_kernel_equals_numpy(fmt, dc, kind, seed, rows, n, bs, clip):
+def test_kernel_equals_numpy(fmt, weights, kind, seed, rows, n, bs, clip):
     pytest.importorskip("numba")
     if kind == "huge":
         x = (_data("normal", seed, rows, n).astype(np.float64) * 1e38).clip(-3.4e38, 3.4e38)
         x = x.astype(np.float32)
     else:
         x = _data(kind, seed, rows, n)
-    m = get_method("mse") if dc is None else MSESearch(dc_weight=dc)
+    if weights is None:
+        m = get_method("mse")
+    else:
+        m = MSESearch(dc_weight=weights[0], gain_weight=weights[1])
     got = m.quantize_rows(fmt, x, bs, clip)
     want = quantize_tensor(x, fmt, bs, clip_ratio=clip, method=m)  # small: the NumPy path
     assert _same(got[0], want.data) and _same(got[1], want.scales)

@@ -9,21 +9,53 @@ candidate with the least error wins, ties going to the larger range. Ratio 1 (ti
 user's clip_ratio) is round-to-nearest's own choice and is tried first, so no block ends with a
 larger error (by this objective) than `method="rtn"` gives it.
 
-The objective, per block, with e = decode(encode(x)) - x over its real elements:
-sum(e^2) + dc_weight * sum(e)^2 (`search_error`; 0 is plain squared error). By default
-dc_weight is 1 for formats with a zero point (uint4, ...) and 0 for the others (int4, nf4, fp4,
-...): measured on three real models, the error-sum term turned uint4's losses to ONNX Runtime's
-round-to-nearest into wins (5 of 6 model/block cases), while for int4 it made 3 of 5 worse.
-Why the second term: a layer's input has a common component (activations after
-LayerNorm, GELU or ReLU do not average to zero over a block of channels), and what that
-component sees of the block's error is sum(e), which adds up across blocks and tokens instead of
-averaging out. Plain squared error shrinks ranges in a way that leaves sum(e) free; on rxnmap's
-attention (uint4, block 32) that cost far more output accuracy than it saved
-(benchmarks/methods_real_models.md, "Data-free methods, revised"). The decoded values are in the
-compute dtype (float32, or float64 for float64 input), the differences, squares and sums in
-float64. The padding of a row's last block is not scored (the core says how long it is). The
-sums run in a fixed order, `block_sse`, which the numba kernel (`kernels.search`, int4 and uint4
-from float32/float16/bfloat16) follows too, so both pick the same candidate, bit for bit.
+The objective, per block of n real elements x, with e = decode(encode(x)) - x:
+
+    sum(e^2) + dc_weight * sum(e)^2 + gain_weight * n * sum(e x)^2 / sum(x^2)
+
+(`search_error`; both weights 0 is plain squared error). By default both weights are 1 for
+formats with a zero point (uint4, ...) and 0 for the others (int4, nf4, fp4, ...). The two extra
+terms are the error's components along the two directions a trained layer's inputs are known to
+favour without seeing any data, each weighted as if that direction carried the whole block's
+input energy (n times a coordinate's): the constant direction and the block's own weights.
+
+* sum(e)^2, the error sum: a layer's input has a common component (activations after
+  LayerNorm, GELU or ReLU do not average to zero over a block of channels), and what that
+  component sees of the block's error is sum(e), which adds up across blocks and tokens instead
+  of averaging out. Plain squared error shrinks ranges in a way that leaves sum(e) free; on
+  rxnmap's attention (uint4, block 32) that cost far more output accuracy than it saved.
+* n sum(e x)^2 / sum(x^2), the gain: the part of e along x itself, e ~ -g x, scales the block's
+  contribution to the output, y ~ (1 - g) y, and inputs of a trained layer are aligned with its
+  weights (the outputs x.w are far larger than for a random direction), so that part costs more
+  than its share of sum(e^2). Clipping, the very thing the search does to lower sum(e^2), always
+  shrinks the largest weights, g > 0 in every clipped block of a column, so the scalings add up
+  along the column; in attention, shrunk query/key weights flatten the softmax. Diagnosis
+  (rxnmap, uint4, block 128, one weight at a time, the others float): the old search
+  (sum(e^2) + sum(e)^2) lowered every weight's squared error by 5-6% but made every weight's
+  output error worse than round to nearest's, most of all the reaction layer's fused QKV
+  (cosine 0.99942 vs 0.99976) and its second FFN weight (0.99973 vs 0.99983). With the gain
+  term the QKV weight alone gives 0.99974 (gain term without the error sum: 0.99981).
+  Also tried there and worse than round to nearest: an |e|^p objective (p 2.5: 0.99960, p 3:
+  0.99973, p 4: 0.99972) and searching lo and hi shrink separately (0.99936).
+
+Measured effect of the gain term on top of the error sum (benchmarks/methods_real_models.py,
+mean output cosine over the held-out inputs; ORT's asymmetric round to nearest at the same size
+in brackets), uint4: MiniLM b32 0.97310 -> 0.97437 (0.97187), b128 0.96178 -> 0.96112
+(0.95959); OCR recogniser b32 0.99928 -> 0.99942 (0.99895), b128 0.99858 -> 0.99884 (0.99731);
+rxnmap b32 0.99726 -> 0.99791 (0.99630), b128 0.99877 -> 0.99923 (0.99906): the one case the
+error sum alone lost to ORT is now won, and five of six improve. gain_weight 0.5 also wins all
+six, 2 loses rxnmap b32. The gain term alone (no error sum) lost rxnmap b32 badly (0.98785;
+NumPy trial). For int4 (symmetric, no zero point) the gain term costs MiniLM
+(b32 0.96706 -> 0.96469, b128 0.95805 -> 0.94717, ORT symmetric 0.95158) for little elsewhere
+(OCR b128 0.99239 -> 0.99297, rxnmap b128 0.99875 -> 0.99881), as the error sum did before it:
+int4's round to nearest wastes a code and the search's clipping buys much more there, so the
+formats without a zero point keep plain squared error.
+
+The decoded values are in the compute dtype (float32, or float64 for float64 input), the
+differences, squares and sums in float64. The padding of a row's last block is not scored (the
+core says how long it is; n counts only the real elements). The sums run in a fixed order,
+`block_sse`, which the numba kernel (`kernels.search`, int4 and uint4 from
+float32/float16/bfloat16) follows too, so both pick the same candidate, bit for bit.
 """
 
 from __future__ import annotations
@@ -40,6 +72,8 @@ DEFAULT_STEPS = 21
 DEFAULT_LOWEST = 0.5
 #: weight of sum(e)^2 against sum(e^2) in the objective (see the module docstring)
 DEFAULT_DC_WEIGHT = 1.0
+#: weight of n * sum(e x)^2 / sum(x^2) (the error's gain part) in the objective (docstring)
+DEFAULT_GAIN_WEIGHT = 1.0
 #: elements scored per NumPy pass: bounds the temporaries (about 40 bytes per element)
 _CHUNK_ELEMENTS = 1 << 20
 
@@ -87,21 +121,43 @@ def search_error(
     tensor_scale=None,
     last_valid: int | None = None,
     dc_weight: float = DEFAULT_DC_WEIGHT,
+    gain_weight: float = 0.0,
 ) -> np.ndarray:
-    """Per-block search objective (..., nb): sum(e^2) + dc_weight * sum(e)^2, e the decoding error.
+    """Per-block search objective (..., nb), e the decoding error, x the block:
+    sum(e^2) + dc_weight * sum(e)^2 + gain_weight * n * sum(e x)^2 / sum(x^2).
 
     As `squared_error` (decoded in the scale's dtype, float64 differences, sums in order by
-    `block_sse`, padding not scored), plus the error's own sum; float64 throughout.
+    `block_sse`, padding not scored), plus the error's own sum and its gain part
+    (`gain_factor`); float64 throughout.
     """
     eff = effective_scale(scale, tensor_scale)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         codes = fmt.encode(blocks, eff, zero_point)
         deq = fmt.decode(codes, eff, zero_point)
-        d = deq.astype(np.float64) - blocks.astype(np.float64)
+        x64 = blocks.astype(np.float64)
+        d = deq.astype(np.float64) - x64
         if last_valid is not None and last_valid < blocks.shape[-1]:
             d[..., -1, last_valid:] = 0.0
         s1 = block_sse(d)
-        return block_sse(d * d) + np.float64(dc_weight) * (s1 * s1)
+        err = block_sse(d * d) + np.float64(dc_weight) * (s1 * s1)
+        if gain_weight:
+            s2 = block_sse(d * x64)
+            err = err + gain_factor(blocks, last_valid, gain_weight) * (s2 * s2)
+        return err
+
+
+def gain_factor(blocks: np.ndarray, last_valid: int | None, gain_weight: float) -> np.ndarray:
+    """Per block (..., nb), float64: gain_weight * n / sum(x^2) over its n real elements (the
+    sum in order, `block_sse`), 0 for blocks of zeros; the gain term's factor on sum(e x)^2."""
+    x64 = blocks.astype(np.float64)
+    if last_valid is not None and last_valid < blocks.shape[-1]:
+        x64[..., -1, last_valid:] = 0.0
+    q = block_sse(x64 * x64)
+    n = np.full(q.shape, np.float64(blocks.shape[-1]))
+    if last_valid is not None:
+        n[..., -1] = last_valid
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(q > 0, (np.float64(gain_weight) * n) / q, 0.0)
 
 
 def ratio_grid(clip_ratio: float = 1.0, steps: int = DEFAULT_STEPS, lowest: float = DEFAULT_LOWEST):
@@ -117,14 +173,16 @@ def approx_sse(
     zero_point: np.ndarray | None,
     last_valid: int | None = None,
     dc_weight: float = 0.0,
+    gain: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The search kernels' cheap per-block score for int4 (zero_point None) / uint4, float32.
+    """The search kernels' cheap per-block score for int4 (zero_point None) / uint4, float64.
 
     Codes rint(x * (1/scale)) (a reciprocal, not the encoder's division: they differ only on
     near-ties), clipped; decoded, differences, squares and the sums (in order) in float32, then
-    sum(d^2) + dc_weight * sum(d)^2 in float32. Candidates whose 1/scale overflows score +inf.
-    Used only to rank candidates; the winner is then checked against round to nearest with the
-    exact `search_error`.
+    sum(d^2) + dc_weight * sum(d)^2 in float32; with `gain` (the blocks' `gain_factor`, float64)
+    that plus gain * sum(d x)^2 in float64 (sum(d x) in float32, in order). Candidates whose
+    1/scale overflows, or whose sums overflow to NaN, score +inf. Used only to rank candidates;
+    the winner is then checked against round to nearest with the exact `search_error`.
     """
     one = np.float32(1)
     with np.errstate(divide="ignore", over="ignore"):
@@ -142,11 +200,16 @@ def approx_sse(
         if last_valid is not None and last_valid < x.shape[-1]:
             d[..., -1, last_valid:] = 0
         s1 = np.add.accumulate(d, axis=-1)[..., -1]
+        s2 = None if gain is None else np.add.accumulate(d * x, axis=-1)[..., -1]
         d *= d
         sse = np.add.accumulate(d, axis=-1)[..., -1]
         if dc_weight:
             sse = sse + np.float32(dc_weight) * (s1 * s1)
-    sse[bad] = np.inf
+        sse = sse.astype(np.float64)  # exact: the float32 ranking is unchanged
+        if s2 is not None:
+            s2 = s2.astype(np.float64)
+            sse = sse + gain * (s2 * s2)
+    sse[bad | np.isnan(sse)] = np.inf  # (inf - inf in the overflowing sums: no ranking)
     return sse
 
 
@@ -157,11 +220,13 @@ def _has_kernel_twin(fmt: Format, names) -> bool:
     return fmt.name in names and fmt.name in available_formats() and get_format(fmt.name) is fmt
 
 
-def _pick_exact(fmt, x, s, z, ts, last_valid, dc_weight) -> np.ndarray:
+def _pick_exact(fmt, x, s, z, ts, last_valid, dc_weight, gain_weight) -> np.ndarray:
     """Per block, the index of the first candidate with the least exact `search_error`."""
     errs = np.stack(
         [
-            search_error(fmt, x, s[k], None if z is None else z[k], ts, last_valid, dc_weight)
+            search_error(
+                fmt, x, s[k], None if z is None else z[k], ts, last_valid, dc_weight, gain_weight
+            )
             for k in range(s.shape[0])
         ]
     )
@@ -180,14 +245,15 @@ def sure_margin(n: np.ndarray | int) -> np.ndarray:
     return 1e-3 + 8.0 * np.asarray(n, np.float64) * 2.0**-24
 
 
-def _pick_two_stage(fmt, x, s, z, ts, last_valid, dc_weight) -> np.ndarray:
+def _pick_two_stage(fmt, x, s, z, ts, last_valid, dc_weight, gain_weight) -> np.ndarray:
     """The kernels' rule: the first least `approx_sse`; kept outright where it beats round to
-    nearest's (candidate 0) by more than `sure_margin` (only with dc_weight 0: sum(e) can cancel,
-    so its float32 value has no relative error bound), else only where its exact `search_error`
-    is strictly below round to nearest's; 0 elsewhere."""
+    nearest's (candidate 0) by more than `sure_margin` (only with dc_weight and gain_weight 0:
+    sum(e) and sum(e x) can cancel, so their float32 values have no relative error bound), else
+    only where its exact `search_error` is strictly below round to nearest's; 0 elsewhere."""
+    gain = gain_factor(x, last_valid, gain_weight) if gain_weight else None
     approx = np.stack(
         [
-            approx_sse(x, s[k], None if z is None else z[k], last_valid, dc_weight)
+            approx_sse(x, s[k], None if z is None else z[k], last_valid, dc_weight, gain)
             for k in range(s.shape[0])
         ]
     )
@@ -197,11 +263,13 @@ def _pick_two_stage(fmt, x, s, z, ts, last_valid, dc_weight) -> np.ndarray:
         n[..., -1] = last_valid
     ab = np.take_along_axis(approx, pick[None], 0)[0].astype(np.float64)
     ar = approx[0].astype(np.float64)
-    sure = np.isfinite(ar) & (ab < ar * (1.0 - sure_margin(n))) & (dc_weight == 0)
+    plain = dc_weight == 0 and gain_weight == 0
+    sure = np.isfinite(ar) & (ab < ar * (1.0 - sure_margin(n))) & plain
     sb = np.take_along_axis(s, pick[None], 0)[0]
     zb = None if z is None else np.take_along_axis(z, pick[None], 0)[0]
-    exact_best = search_error(fmt, x, sb, zb, ts, last_valid, dc_weight)
-    exact_rtn = search_error(fmt, x, s[0], None if z is None else z[0], ts, last_valid, dc_weight)
+    z0 = None if z is None else z[0]
+    exact_best = search_error(fmt, x, sb, zb, ts, last_valid, dc_weight, gain_weight)
+    exact_rtn = search_error(fmt, x, s[0], z0, ts, last_valid, dc_weight, gain_weight)
     return np.where(sure | (exact_best < exact_rtn), pick, 0)
 
 
@@ -211,9 +279,10 @@ class MSESearch:
 
     steps: how many ratios (>= 1; 1 is round to nearest); lowest: the smallest ratio, in (0, 1];
     dc_weight: the weight of sum(e)^2 in the objective (>= 0; 0 is plain squared error; None:
-    1 for formats with a zero point, 0 for the others). All are
-    checked here (ValueError/TypeError naming them). Registered as "mse" with the defaults; pass
-    an instance as `method=` for other settings.
+    1 for formats with a zero point, 0 for the others); gain_weight: the weight of the gain
+    term n * sum(e x)^2 / sum(x^2) (>= 0; None: as dc_weight's default). All are checked here
+    (ValueError/TypeError naming them). Registered as "mse" with the defaults; pass an instance
+    as `method=` for other settings.
     """
 
     name = "mse"
@@ -231,6 +300,7 @@ class MSESearch:
         steps: int = DEFAULT_STEPS,
         lowest: float = DEFAULT_LOWEST,
         dc_weight: float | None = None,
+        gain_weight: float | None = None,
     ):
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
             raise TypeError(f"steps must be an integer >= 1, got {steps!r}")
@@ -240,15 +310,15 @@ class MSESearch:
             raise TypeError(f"lowest must be a number in (0, 1], got {lowest!r}")
         if not 0 < lowest <= 1:
             raise ValueError(f"lowest must be a number in (0, 1], got {lowest!r}")
-        if dc_weight is not None and (
-            isinstance(dc_weight, bool) or not isinstance(dc_weight, numbers.Real)
-        ):
-            raise TypeError(f"dc_weight must be a finite number >= 0, got {dc_weight!r}")
-        if dc_weight is not None and not 0 <= dc_weight < np.inf:
-            raise ValueError(f"dc_weight must be a finite number >= 0, got {dc_weight!r}")
+        for name, v in (("dc_weight", dc_weight), ("gain_weight", gain_weight)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+                raise TypeError(f"{name} must be a finite number >= 0, got {v!r}")
+            if v is not None and not 0 <= v < np.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         self.steps = int(steps)
         self.lowest = float(lowest)
         self.dc_weight = None if dc_weight is None else float(dc_weight)
+        self.gain_weight = None if gain_weight is None else float(gain_weight)
 
     def dc_weight_for(self, fmt) -> float:
         """The objective's dc_weight for `fmt`: as given, or by default 1 for formats with a
@@ -256,6 +326,13 @@ class MSESearch:
         if self.dc_weight is not None:
             return self.dc_weight
         return DEFAULT_DC_WEIGHT if get_format(fmt).zero_point else 0.0
+
+    def gain_weight_for(self, fmt) -> float:
+        """The objective's gain_weight for `fmt`: as given, or by default 1 for formats with a
+        zero point and 0 for the others (module docstring)."""
+        if self.gain_weight is not None:
+            return self.gain_weight
+        return DEFAULT_GAIN_WEIGHT if get_format(fmt).zero_point else 0.0
 
     def ratios(self, clip_ratio: float = 1.0) -> list[float]:
         """The ratios this search tries, largest (round to nearest's) first."""
@@ -273,12 +350,13 @@ class MSESearch:
         fz = None if cands[0][1] is None else np.stack([z.reshape(-1, nb) for _, z in cands])
         two_stage = _has_kernel_twin(fmt, self.kernel_formats) and blocks.dtype == np.float32
         best_s, best_z = fs[0].copy(), None if fz is None else fz[0].copy()
+        dc, gain = self.dc_weight_for(fmt), self.gain_weight_for(fmt)
         step = max(1, _CHUNK_ELEMENTS // max(1, nb * bs))
         for r0 in range(0, flat.shape[0], step):
             sl = slice(r0, r0 + step)
             x, s, z = flat[sl], fs[:, sl], None if fz is None else fz[:, sl]
             pick = (_pick_two_stage if two_stage else _pick_exact)(
-                fmt, x, s, z, tensor_scale, last_valid, self.dc_weight_for(fmt)
+                fmt, x, s, z, tensor_scale, last_valid, dc, gain
             )
             best_s[sl] = np.take_along_axis(s, pick[None], 0)[0]
             if z is not None:
@@ -309,7 +387,14 @@ class MSESearch:
         if x.dtype != np.float32 and x.dtype in kernels.QUANTIZE_DTYPES:
             x = x.astype(np.float32)  # exact; one compiled variant instead of three
         return search.mse_rows(
-            fmt_name, x, block_size, ratios, num_threads, kernels, self.dc_weight_for(fmt_name)
+            fmt_name,
+            x,
+            block_size,
+            ratios,
+            num_threads,
+            kernels,
+            self.dc_weight_for(fmt_name),
+            self.gain_weight_for(fmt_name),
         )
 
 
@@ -320,6 +405,7 @@ __all__ = [
     "MSESearch",
     "approx_sse",
     "block_sse",
+    "gain_factor",
     "ratio_grid",
     "search_error",
     "squared_error",

@@ -7,11 +7,13 @@ the block's squared error with those params, and the params with the least error
 less: ties keep the larger range); then codes and packing as `int4.quantize_int4` does.
 
 The objective follows `algorithms.mse.search_error` exactly: the decoded value code * scale
-(float32, as `decode` computes it), its difference from x and the square in float64, both added
-in order of the elements (`block_sse`), then sum(e^2) + dc_weight * sum(e)^2. All candidates of
-a block are scored in one pass over it, the candidates being the inner loop: a map over small
+(float32, as `decode` computes it), its difference from x, the square and the product with x in
+float64, all added in order of the elements (`block_sse`), then sum(e^2) + dc_weight * sum(e)^2
++ gain * sum(e x)^2 (gain: `mse.gain_factor`). All candidates of a block are ranked in one pass
+over it by `mse.approx_sse` (float32), the candidates being the inner loop: a map over small
 arrays of scales and sums that LLVM vectorises (a sum over the elements would not vectorise
-without reassociation; no fast-math here).
+without reassociation; no fast-math here). One kernel serves both formats: numba compiles it
+apart for zero_points None (int4) and an array (uint4), and the format branches fold away.
 
 Codes are clamped in float before the conversion to int, so a tiny clip_ratio (x / scale far
 beyond the int32 range) still gives NumPy's clipped code.
@@ -65,10 +67,37 @@ def _uint4_deq(v, scale, zpf):
 
 
 @njit(inline="always")
-def _approx_all(xb, sk, ik, zk, acc, acc1, dcw, signed):
-    """acc[k] = `mse.approx_sse` of the block at scale sk[k] (ik[k] = 1 / sk[k], zk[k] the zero
+def _scan(xb, s_, i_, z_, a_, b_, c_, signed, gain):
+    """One pass over the block for _LANES candidates: a_ += d^2, b_ += d and, with `gain`,
+    c_ += d * x (signed, gain: constants where it is inlined, so each variant is a plain loop)."""
+    if signed:
+        for j in range(xb.shape[0]):
+            v = _load(xb, j)
+            for k in range(_LANES):
+                d = min(max(np.rint(v * i_[k]), np.float32(-8.0)), _SEVEN) * s_[k] - v
+                a_[k] += d * d
+                b_[k] += d
+                if gain:
+                    c_[k] += d * v
+    else:
+        for j in range(xb.shape[0]):
+            v = _load(xb, j)
+            for k in range(_LANES):
+                c = min(max(np.rint(v * i_[k]) + z_[k], _ZERO), _FIFTEEN)
+                d = (c - z_[k]) * s_[k] - v
+                a_[k] += d * d
+                b_[k] += d
+                if gain:
+                    c_[k] += d * v
+
+
+@njit(inline="always")
+def _approx_all(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gw, signed):
+    """score[k] = `mse.approx_sse` of the block at scale sk[k] (ik[k] = 1 / sk[k], zk[k] the zero
     point, float32): codes rint(x * ik[k]), squares and sums in float32, in order of the elements
-    (acc1: the sums of the differences), then acc + dcw * acc1^2 in float32 (dcw != 0).
+    (acc1: the sums of the differences, acc2: of the differences times x), acc + dcw * acc1^2 in
+    float32 (dcw != 0), then in float64 plus gw * acc2^2 (gw: the block's `mse.gain_factor`, 0:
+    no gain term).
 
     Candidates are the inner loop: each element is loaded once and scored against _LANES of
     them, a float32 map with a constant trip count that LLVM vectorises whole (a sum over the
@@ -76,35 +105,45 @@ def _approx_all(xb, sk, ik, zk, acc, acc1, dcw, signed):
     for k in range(sk.shape[0]):
         acc[k] = _ZERO
         acc1[k] = _ZERO
+        acc2[k] = _ZERO
     for p0 in range(0, sk.shape[0], _LANES):
-        s_, i_, z_, a_, b_ = sk[p0:], ik[p0:], zk[p0:], acc[p0:], acc1[p0:]
-        if signed:
-            for j in range(xb.shape[0]):
-                v = _load(xb, j)
-                for k in range(_LANES):
-                    c = min(max(np.rint(v * i_[k]), np.float32(-8.0)), _SEVEN)
-                    d = c * s_[k] - v
-                    a_[k] += d * d
-                    b_[k] += d
+        s_, i_, z_ = sk[p0:], ik[p0:], zk[p0:]
+        a_, b_, c_ = acc[p0:], acc1[p0:], acc2[p0:]
+        if gw != 0.0:
+            _scan(xb, s_, i_, z_, a_, b_, c_, signed, True)
         else:
-            for j in range(xb.shape[0]):
-                v = _load(xb, j)
-                for k in range(_LANES):
-                    c = min(max(np.rint(v * i_[k]) + z_[k], _ZERO), _FIFTEEN)
-                    d = (c - z_[k]) * s_[k] - v
-                    a_[k] += d * d
-                    b_[k] += d
-    if dcw != _ZERO:
-        for k in range(sk.shape[0]):
-            acc[k] = acc[k] + dcw * (acc1[k] * acc1[k])
+            _scan(xb, s_, i_, z_, a_, b_, c_, signed, False)
+    for k in range(sk.shape[0]):
+        a = acc[k]
+        if dcw != _ZERO:
+            a = a + dcw * (acc1[k] * acc1[k])
+        score[k] = np.float64(a)
+        if gw != 0.0:
+            s2 = np.float64(acc2[k])
+            score[k] = score[k] + gw * (s2 * s2)
 
 
 @njit(inline="always")
-def _exact(xb, scale, zpf, dcw, signed):
+def _gain_factor(xb, gain):
+    """`mse.gain_factor` of the block: gain * n / sum(x^2) (float64, in order), 0 if that is 0."""
+    if gain == 0.0:
+        return 0.0
+    q = 0.0
+    for j in range(xb.shape[0]):
+        v = np.float64(_load(xb, j))
+        q += v * v
+    if not q > 0.0:
+        return 0.0
+    return (gain * np.float64(xb.shape[0])) / q
+
+
+@njit(inline="always")
+def _exact(xb, scale, zpf, dcw, gw, signed):
     """`mse.search_error` of the block: the format's own codes (a true division), decoded in
     float32, differences, squares and the sums (in order) in float64."""
     acc = 0.0
     acc1 = 0.0
+    acc2 = 0.0
     for j in range(xb.shape[0]):
         v = _load(xb, j)
         if signed:
@@ -113,29 +152,36 @@ def _exact(xb, scale, zpf, dcw, signed):
             d = _diff(v, _uint4_deq(v, scale, zpf))
         acc += d * d
         acc1 += d
-    return acc + np.float64(dcw) * (acc1 * acc1)
+        if gw != 0.0:  # (a scalar loop: the branch is cheap, the product is not)
+            acc2 += d * np.float64(v)
+    err = acc + np.float64(dcw) * (acc1 * acc1)
+    if gw != 0.0:
+        err = err + gw * (acc2 * acc2)
+    return err
 
 
 @njit(inline="always")
-def _choose(xb, sk, ik, zk, acc, acc1, dcw, nr, signed):
+def _choose(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gw, nr, signed):
     """Index of the chosen candidate (`mse.approx_sse` ranks them; see `mse._pick_two_stage`):
-    the first least approximate error; kept outright when dcw is 0 and it beats round to
-    nearest's (candidate 0) by more than the approximation's error bound (`mse.sure_margin`),
+    the first least approximate error; kept outright when dcw and gw are 0 and it beats round
+    to nearest's (candidate 0) by more than the approximation's error bound (`mse.sure_margin`),
     else only if its exact error is strictly below round to nearest's; otherwise 0."""
-    _approx_all(xb, sk, ik, zk, acc, acc1, dcw, signed)
+    _approx_all(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gw, signed)
     best = 0
     for k in range(nr):
-        if not np.isfinite(ik[k]):  # 1/scale overflows (subnormal scales): not scored
-            acc[k] = np.float32(np.inf)
-        if k and acc[k] < acc[best]:
+        # 1/scale overflows (subnormal scales), or the sums do (inf - inf): not scored
+        if not np.isfinite(ik[k]) or np.isnan(score[k]):
+            score[k] = np.inf
+        if k and score[k] < score[best]:
             best = k
     if best == 0:
         return 0
-    ar = np.float64(acc[0])
+    ar = score[0]
     margin = 1e-3 + 8.0 * xb.shape[0] * 2.0**-24
-    if dcw == _ZERO and np.isfinite(ar) and np.float64(acc[best]) < ar * (1.0 - margin):
+    plain = dcw == _ZERO and gw == 0.0
+    if plain and np.isfinite(ar) and score[best] < ar * (1.0 - margin):
         return best
-    if _exact(xb, sk[best], zk[best], dcw, signed) < _exact(xb, sk[0], zk[0], dcw, signed):
+    if _exact(xb, sk[best], zk[best], dcw, gw, signed) < _exact(xb, sk[0], zk[0], dcw, gw, signed):
         return best
     return 0
 
@@ -251,11 +297,13 @@ def _pack_item(xr, pr, sr, zr, b0, b1, bs, n, signed):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def mse_int4(x, packed, scales, ratios, nr, dcw, bs, chunk):
-    """x (rows, n) -> packed codes and the searched scales (rows, nb) float32.
+def mse_kernel(x, packed, scales, zero_points, ratios, nr, dcw, gain, bs, chunk):
+    """x (rows, n) -> packed codes, the searched scales (rows, nb) float32 and, for uint4, zero
+    points (rows, nb) uint8; zero_points None: int4 (compiled apart, the branches fold away).
 
     ratios: the grid, padded to a multiple of _LANES (the extra lanes are scored, never chosen);
-    nr: how many of them are real; dcw: the objective's dc_weight (float32)."""
+    nr: how many of them are real; dcw: the objective's dc_weight (float32); gain: its
+    gain_weight (float64)."""
     rows, n = x.shape
     nb = scales.shape[1]
     nchunks = (nb + chunk - 1) // chunk
@@ -272,53 +320,32 @@ def mse_int4(x, packed, scales, ratios, nr, dcw, bs, chunk):
         zk = np.zeros(nk, np.float32)
         acc = np.empty(nk, np.float32)
         acc1 = np.empty(nk, np.float32)
+        acc2 = np.empty(nk, np.float32)
+        score = np.empty(nk, np.float64)
         for b in range(b0, b1):
             s0 = b * bs
             e = min(s0 + bs, n)
             _prefetch_ahead(x, r * n + s0, e - s0, total)
             xb = xr[s0:e]
-            amax = _amax(xb)
-            _int4_candidates(amax, ratios, sk, ik)
-            best_s = sk[_choose(xb, sk, ik, zk, acc, acc1, dcw, nr, True)]
-            sr[b] = best_s
-        _pack_item(xr, packed[r], sr, sr, b0, b1, bs, n, True)
+            gw = _gain_factor(xb, gain)
+            if zero_points is None:
+                _int4_candidates(_amax(xb), ratios, sk, ik)
+                kb = _choose(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gw, nr, True)
+            else:
+                lo, hi = _lo_hi(xb)
+                _uint4_candidates(lo, hi, ratios, sk, ik, zk)
+                kb = _choose(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gw, nr, False)
+                zero_points[r, b] = np.uint8(zk[kb])
+            sr[b] = sk[kb]
+        if zero_points is None:
+            _pack_item(xr, packed[r], sr, sr, b0, b1, bs, n, True)
+        else:
+            _pack_item(xr, packed[r], sr, zero_points[r], b0, b1, bs, n, False)
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def mse_uint4(x, packed, scales, zero_points, ratios, nr, dcw, bs, chunk):
-    """As `mse_int4`, plus the searched zero points (rows, nb) uint8."""
-    rows, n = x.shape
-    nb = scales.shape[1]
-    nchunks = (nb + chunk - 1) // chunk
-    total = rows * n
-    nk = ratios.shape[0]
-    for item in prange(rows * nchunks):
-        r = item // nchunks
-        b0 = (item - r * nchunks) * chunk
-        b1 = min(b0 + chunk, nb)
-        xr = x[r]
-        sr = scales[r]
-        zr = zero_points[r]
-        sk = np.empty(nk, np.float32)
-        ik = np.empty(nk, np.float32)
-        zk = np.empty(nk, np.float32)
-        acc = np.empty(nk, np.float32)
-        acc1 = np.empty(nk, np.float32)
-        for b in range(b0, b1):
-            s0 = b * bs
-            e = min(s0 + bs, n)
-            _prefetch_ahead(x, r * n + s0, e - s0, total)
-            xb = xr[s0:e]
-            lo, hi = _lo_hi(xb)
-            _uint4_candidates(lo, hi, ratios, sk, ik, zk)
-            kb = _choose(xb, sk, ik, zk, acc, acc1, dcw, nr, False)
-            best_s, best_z = sk[kb], zk[kb]
-            sr[b] = best_s
-            zr[b] = np.uint8(best_z)
-        _pack_item(xr, packed[r], sr, zr, b0, b1, bs, n, False)
-
-
-def mse_rows(fmt_name, x2d, block_size, ratios, num_threads, kernels, dc_weight=0.0):
+def mse_rows(
+    fmt_name, x2d, block_size, ratios, num_threads, kernels, dc_weight=0.0, gain_weight=0.0
+):
     """Run the search kernel for `fmt_name` on (rows, n) `x2d`; a `kernels.QuantizedRows`."""
     x = np.asarray(x2d)
     if x.ndim != 2:
@@ -343,10 +370,7 @@ def mse_rows(fmt_name, x2d, block_size, ratios, num_threads, kernels, dc_weight=
         raise ValueError("ratios is empty; the grid needs at least ratio 1 (round to nearest)")
     nk = -(-nr // _LANES) * _LANES  # whole passes; the extra lanes repeat the last ratio
     padded = np.concatenate([ratios, np.repeat(ratios[-1:], nk - nr)])
-    dcw = np.float32(dc_weight)
+    dcw, gain = np.float32(dc_weight), np.float64(gain_weight)
     with kernels._launch(num_threads):
-        if fmt_name == "int4":
-            mse_int4(xv, packed, scales, padded, nr, dcw, bs, chunk)
-        else:
-            mse_uint4(xv, packed, scales, zp, padded, nr, dcw, bs, chunk)
+        mse_kernel(xv, packed, scales, zp, padded, nr, dcw, gain, bs, chunk)
     return kernels.QuantizedRows(packed, scales, zp)
