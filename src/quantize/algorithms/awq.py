@@ -26,6 +26,7 @@ import numpy as np
 from .._checks import as_finite_float, as_int, as_real_array, check_finite
 from ..core import compute_dtype, prepare, quantize_tensor
 from ..formats import get_format
+from ..tensor import QuantizedTensor
 from . import get_method
 
 __all__ = ["AwqSearch", "awq_apply", "awq_scan", "awq_search"]
@@ -33,16 +34,23 @@ __all__ = ["AwqSearch", "awq_apply", "awq_scan", "awq_search"]
 #: channels whose mean |x| is below this fraction of the largest are treated as this small, so
 #: a silent channel gets a small but finite scale rather than 0
 _FLOOR = 1e-4
+#: bytes of candidate errors (K x N float64 each) whose losses are taken in one product
+_BATCH_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
 class AwqSearch:
-    """What `awq_scan` tried: scales (K,) float32, the chosen alpha, and every alpha's loss."""
+    """What `awq_scan` tried: scales (K,) float32, the chosen alpha, and every alpha's loss.
+
+    quantized: `quantize_tensor(awq_apply(weight, scales), ...)` as the search made it (along
+    axis 0, with its format, block size, method and clip ratio), so callers need not redo it.
+    """
 
     scales: np.ndarray
     alpha: float
     alphas: np.ndarray
     losses: np.ndarray
+    quantized: QuantizedTensor | None = None
 
     @property
     def rtn_loss(self) -> float:
@@ -118,16 +126,36 @@ def awq_scan(
     # the objective is ||xs D||^2 = tr(D^T H D); with more rows than inputs H is cheaper
     h = xs.T @ xs if xs.shape[0] > k else None
 
-    def loss(d: np.ndarray) -> float:
-        if h is not None:
-            return float(np.sum((h @ d) * d))
-        return float(np.sum(np.square(xs @ d)))
+    def losses_of(ds: list[np.ndarray]) -> list[float]:
+        # one product for several candidates (per column the same sums as one product each,
+        # and each part made contiguous so np.sum adds in the same order): fewer, larger BLAS
+        # calls; each loss is sum((H D) * D), or ||xs D||^2 with fewer rows than inputs
+        n = ds[0].shape[1]
+        big = ds[0] if len(ds) == 1 else np.concatenate(ds, axis=1)
+        prod = h @ big if h is not None else xs @ big
+        out = []
+        for i, d in enumerate(ds):
+            part = prod if len(ds) == 1 else np.ascontiguousarray(prod[:, i * n : (i + 1) * n])
+            out.append(float(np.sum(part * d)) if h is not None else float(np.sum(np.square(part))))
+        return out
 
     mean = np.abs(xs).mean(axis=0)
     top = float(mean.max())
     alphas = np.arange(grid + 1, dtype=np.float64) / grid
     losses = np.empty(len(alphas))
-    best, best_s = None, np.ones(k, np.float32)
+    per_batch = max(1, _BATCH_BYTES // max(1, w64.nbytes))
+    pending: list[tuple[int, np.ndarray, QuantizedTensor, np.ndarray]] = []
+    best = None
+    best_s, best_alpha, best_qt = np.ones(k, np.float32), 0.0, None
+
+    def settle() -> None:
+        nonlocal best, best_s, best_alpha, best_qt
+        for (j, s, qt, _), value in zip(pending, losses_of([p[3] for p in pending]), strict=True):
+            losses[j] = value
+            if best is None or value < best:  # ties keep the smaller alpha (rtn first)
+                best, best_s, best_alpha, best_qt = value, s, float(alphas[j]), qt
+        pending.clear()
+
     for j, alpha in enumerate(alphas):
         if top == 0 or alpha == 0:
             s = np.ones(k, np.float32)  # exactly rtn
@@ -139,13 +167,18 @@ def awq_scan(
         )
         # (x / s) @ Ŵ_s == x @ (Ŵ_s / s[:, None])
         d = w64 - qt.dequantize(np.float64) / s.astype(np.float64)[:, None]
-        losses[j] = loss(d)
-        if best is None or losses[j] < best:  # ties keep the smaller alpha (rtn first)
-            best, best_s, best_alpha = losses[j], s, float(alpha)
+        pending.append((j, s, qt, d))
         if top == 0:  # every alpha is s = 1
+            settle()
             losses[j + 1 :] = losses[j]
             break
-    return AwqSearch(scales=best_s, alpha=best_alpha, alphas=alphas, losses=losses)
+        if len(pending) >= per_batch:
+            settle()
+    if pending:
+        settle()
+    return AwqSearch(
+        scales=best_s, alpha=best_alpha, alphas=alphas, losses=losses, quantized=best_qt
+    )
 
 
 def awq_search(

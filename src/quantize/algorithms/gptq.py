@@ -234,7 +234,15 @@ def gptq_quantize(
         u = _upper_cholesky_of_inverse(h, damp)
 
     dq_state = None
-    if static:
+    rtn = None
+    if static and not double_quant:
+        # static params are the method's on the original blocks: exactly what quantize_tensor
+        # chooses (its compiled paths are held bit for bit to the NumPy one, and much faster
+        # for searching methods), and its codes are the round-to-nearest fallback
+        rtn = quantize_tensor(w_in, fmt, bs, axis=0, clip_ratio=clip_ratio, method=method)
+        scale = np.array(rtn.scales, cdt)
+        zp = None if rtn.zero_points is None else np.array(rtn.zero_points)
+    elif static:
         scale, zp = _choose(algo, fmt, blocks_all, ts, clip_ratio, last_valid)
         scale = np.array(scale, cdt)
         zp = None if zp is None else np.array(zp)
@@ -252,6 +260,9 @@ def gptq_quantize(
         w1 = wp[i1:i2].copy()
         err1 = np.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
+        # the rank-1 update's product goes here rather than into a fresh array per row
+        # (the same arithmetic; a fresh array of this size costs a map and page faults)
+        tmp = np.empty_like(w1)
         for i in range(i2 - i1):
             g, r = divmod(int(perm[i1 + i]), bs)
             if not static and r == 0:
@@ -277,7 +288,9 @@ def gptq_quantize(
             err = (w - q) / u1[i, i]
             # the rows after i absorb its error; with U's zero off-diagonals (H = I) this is
             # a no-op, so rtn's codes come out unchanged
-            w1[i + 1 :] -= u1[i, i + 1 :, None] * err[None, :]
+            rest = tmp[: i2 - i1 - i - 1]
+            np.multiply(u1[i, i + 1 :, None], err[None, :], out=rest)
+            w1[i + 1 :] -= rest
             err1[i] = err
         wp[i2:] -= u[i1:i2, i2:].T @ err1
 
@@ -301,8 +314,14 @@ def gptq_quantize(
     )
     if not fallback_rtn:
         return qt
-    rtn = quantize_tensor(w_in, fmt, bs, axis=0, clip_ratio=clip_ratio, method=method)
+    if rtn is None:
+        rtn = quantize_tensor(w_in, fmt, bs, axis=0, clip_ratio=clip_ratio, method=method)
     w64 = w_c.astype(np.float64)
-    err_gptq = output_error_trace(w64 - qt.dequantize(np.float64), h)
-    err_rtn = output_error_trace(w64 - rtn.dequantize(np.float64), h)
+    d_gptq = w64 - qt.dequantize(np.float64)
+    d_rtn = w64 - rtn.dequantize(np.float64)
+    # one product for both (per column it is the same sum as two); each half is made
+    # contiguous so np.sum adds in the order output_error_trace does
+    hd = h @ np.concatenate([d_gptq, d_rtn], axis=1)
+    err_gptq = float(np.sum(np.ascontiguousarray(hd[:, :n]) * d_gptq))
+    err_rtn = float(np.sum(np.ascontiguousarray(hd[:, n:]) * d_rtn))
     return qt if err_gptq < err_rtn else rtn

@@ -10,9 +10,13 @@ graph output (on a copy: the model given is never modified) and accumulates, bat
 * a uniform reservoir sample of at most `max_samples` rows (float32; AWQ searches with it).
 
 Only one run's activations are in memory at a time (plus a float64 copy of at most
-HESSIAN_CHUNK rows of one of them), so the memory used does not grow with the amount of
-calibration data. What does grow with the model is the state kept: 8 K^2 bytes per Hessian
-(0.9 GiB at K = 11008) and 4 K bytes per kept row; `quantize_onnx_model(calib_memory=...)`
+HESSIAN_CHUNK rows of one of them, and per activation at most `_pending_cap(K)` rows waiting
+for their X^T X), so the memory used does not grow with the amount of calibration data.
+Rows are gathered across runs before X^T X is taken: a sentence gives ~15 rows, and a
+product over so few rows costs about what one over hundreds does (each writes and adds a
+K x K float64 matrix; on a loaded machine BLAS threads also wait for each other per call).
+What does grow with the model is the state kept: 8 K^2 bytes per Hessian (0.9 GiB at
+K = 11008) and 4 K bytes per kept row; `quantize_onnx_model(calib_memory=...)`
 bounds it by capturing groups of activations in separate passes over the feeds.
 
 Feeds come from `calibration_feeds`: an ``.npz`` file or a dict of arrays keyed by input name
@@ -37,6 +41,8 @@ from onnx import helper, numpy_helper
 MAX_SAMPLES = 4096
 #: rows turned to float64 at a time when accumulating X^T X (bounds that copy to 8 K rows)
 HESSIAN_CHUNK = 1024
+#: rows gathered per activation before X^T X is taken (at least this many, see _pending_cap)
+PENDING_ROWS = 256
 #: random calibration: how many random input sets when none are given
 RANDOM_BATCHES = 16
 #: protobuf cannot serialize a model above 2 GiB: such models go to ORT through a file
@@ -305,6 +311,12 @@ def calibration_feeds(
 # capture
 
 
+def _pending_cap(k: int) -> int:
+    """Rows of width k held back for one X^T X: PENDING_ROWS, up to k // 8 (a sixteenth of
+    the Hessian's bytes in float32) but never above HESSIAN_CHUNK."""
+    return min(HESSIAN_CHUNK, max(PENDING_ROWS, k // 8))
+
+
 class _Accumulator:
     def __init__(self, name: str, hessian: bool, max_samples: int, rng: np.random.Generator):
         self.name = name
@@ -315,6 +327,8 @@ class _Accumulator:
         self.rows = 0
         self.samples: np.ndarray | None = None
         self.filled = 0
+        self.pending: list[np.ndarray] = []  # rows not yet in h (float32 copies)
+        self.n_pending = 0
 
     def add(self, x: np.ndarray) -> None:
         if x.ndim == 0:
@@ -331,14 +345,32 @@ class _Accumulator:
         if not np.isfinite(x).all():
             raise ValueError(f"activation {self.name!r} has NaN or Inf on the calibration inputs")
         if self.h is not None:
-            # float64 in chunks of rows: a run of batch x sequence rows at K = 11008 would
-            # otherwise need a float64 copy of gigabytes next to the float32 original
-            for i in range(0, x.shape[0], HESSIAN_CHUNK):
-                x64 = x[i : i + HESSIAN_CHUNK].astype(np.float64)
-                self.h += x64.T @ x64
+            cap = _pending_cap(k)
+            if self.n_pending + x.shape[0] > cap:
+                self.flush()
+            if x.shape[0] <= cap:
+                # a copy: the run's output may be a view of a larger buffer
+                self.pending.append(np.array(x, np.float32 if x.dtype.itemsize <= 4 else None))
+                self.n_pending += x.shape[0]
+            else:
+                self._add_rows(x)
         if self.samples is not None:
             self._reservoir(x)
         self.rows += x.shape[0]
+
+    def _add_rows(self, x: np.ndarray) -> None:
+        # float64 in chunks of rows: a run of batch x sequence rows at K = 11008 would
+        # otherwise need a float64 copy of gigabytes next to the float32 original
+        for i in range(0, x.shape[0], HESSIAN_CHUNK):
+            x64 = x[i : i + HESSIAN_CHUNK].astype(np.float64)
+            self.h += x64.T @ x64
+
+    def flush(self) -> None:
+        """Add the rows held back to h (one product for all of them)."""
+        if self.pending:
+            rows = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
+            self.pending, self.n_pending = [], 0
+            self._add_rows(rows)
 
     def _reservoir(self, x: np.ndarray) -> None:
         """Algorithm R, one batch at a time: every row seen so far is kept with equal chance."""
@@ -355,6 +387,7 @@ class _Accumulator:
             self.samples[slot[hit]] = x[take:][hit]
 
     def result(self) -> Activation:
+        self.flush()
         samples = None if self.samples is None else self.samples[: self.filled].copy()
         return Activation(self.name, self.h, self.rows, samples)
 

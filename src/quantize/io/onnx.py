@@ -618,14 +618,23 @@ def _transposed(qt: QuantizedTensor) -> QuantizedTensor:
     return dataclasses.replace(qt, shape=tuple(qt.shape[::-1]), axis=1 - qt.axis)
 
 
-def _rel_error(w: np.ndarray, d: np.ndarray, h: np.ndarray | None) -> float:
-    """tr(D^T H D) / tr(W^T H W) for (K, N) weight W and error D; H = I without data."""
-    w64, d64 = w.astype(np.float64), d.astype(np.float64)
-    if h is None:
-        num, den = float(np.sum(d64 * d64)), float(np.sum(w64 * w64))
-    else:
-        num, den = float(np.sum((h @ d64) * d64)), float(np.sum((h @ w64) * w64))
+def _rel_error(
+    w: np.ndarray, d: np.ndarray, h: np.ndarray | None, den: float | None = None
+) -> float:
+    """tr(D^T H D) / tr(W^T H W) for (K, N) weight W and error D; H = I without data.
+
+    den: tr(W^T H W) when already known (`_rel_den`), saving a K x K x N product."""
+    d64 = d.astype(np.float64)
+    num = float(np.sum(d64 * d64)) if h is None else float(np.sum((h @ d64) * d64))
+    if den is None:
+        den = _rel_den(w, h)
     return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+def _rel_den(w: np.ndarray, h: np.ndarray | None) -> float:
+    """tr(W^T H W), `_rel_error`'s denominator."""
+    w64 = w.astype(np.float64)
+    return float(np.sum(w64 * w64)) if h is None else float(np.sum((h @ w64) * w64))
 
 
 def _row(name: str, w: np.ndarray, qt: QuantizedTensor, recon: np.ndarray | None) -> dict:
@@ -652,6 +661,7 @@ class _Choice:
     qt: QuantizedTensor  # in the weight's own layout
     inv_scale: np.ndarray | None
     picked: str = ""  # the method that made it (awq+gptq keeps the best of three)
+    rel_error: float | None = None  # `_rel_error` with the calibration H, when computed
 
     def recon_kn(self) -> np.ndarray:
         """What the runtime multiplies with, as a (K, N) float32 array (made when asked)."""
@@ -963,19 +973,27 @@ def _plan_weight(
         )
         return None
     w_kn = w if axis == 0 else w.T
+    # shared by every error below (the same value each would compute); data-free: none asked
+    den = _rel_den(w_kn, h) if target_bits is not None or h is not None else None
+
+    def error(c: _Choice) -> float:
+        if c.rel_error is not None and h is not None:  # awq+gptq measured it already
+            return c.rel_error
+        return _rel_error(w_kn, c.recon_kn() - w_kn, h, den)
+
     errors = {}
     if target_bits is not None:  # the option's error now, while w and H are at hand
-        errors = {lb: _rel_error(w_kn, c.recon_kn() - w_kn, h) for lb, c in choices.items()}
+        errors = {lb: error(c) for lb, c in choices.items()}
     output_error = {}
     if h is not None:  # (own method's, round to nearest's) relative output error per option
         for lb, c in choices.items():
-            err = errors[lb] if lb in errors else _rel_error(w_kn, c.recon_kn() - w_kn, h)
+            err = errors[lb] if lb in errors else error(c)
             if own == "rtn":
                 ref = err
             else:
                 f, b = lb.split("/b")
                 r = _quantize_one(w, axis, f, int(b), "rtn", None, None)
-                ref = _rel_error(w_kn, r.recon_kn() - w_kn, h)
+                ref = _rel_error(w_kn, r.recon_kn() - w_kn, h, den)
             output_error[lb] = (err, ref)
     return {
         "method": own,
@@ -1002,11 +1020,16 @@ def _gptq(w_kn: np.ndarray, h: np.ndarray, format: str, block_size: int) -> Quan
 
 def _awq(w_kn, x, format, block_size) -> tuple[np.ndarray, QuantizedTensor]:
     """AWQ's scales s for w_kn (K, N) and the scaled weight quantized plainly."""
-    from ..algorithms.awq import awq_apply, awq_search
+    from ..algorithms.awq import awq_apply, awq_scan
 
     w32 = w_kn.astype(np.float32)
-    s = np.asarray(awq_search(w32, x, format, block_size), np.float32)
-    return s, quantize_tensor(awq_apply(w32, s), format, block_size, axis=0)
+    res = awq_scan(w32, x, format, block_size)
+    s = np.asarray(res.scales, np.float32)
+    # the search quantized awq_apply(w32, s) this very way already
+    qt = res.quantized
+    if qt is None:
+        qt = quantize_tensor(awq_apply(w32, s), format, block_size, axis=0)
+    return s, qt
 
 
 def _awq_gptq(w_kn, s, h, format, block_size) -> QuantizedTensor:
@@ -1054,8 +1077,10 @@ def _quantize_one(
             finish(_gptq(w_kn, h, format, block_size), None, "gptq"),
             finish(_awq_gptq(w_kn, s, h, format, block_size), inv, "awq+gptq"),
         ]
-        errs = [_rel_error(w_kn, c.recon_kn() - w_kn, h) for c in tried]
-        return tried[int(np.argmin(errs))]  # ties keep the earlier (simpler) one
+        den = _rel_den(w_kn, h)
+        errs = [_rel_error(w_kn, c.recon_kn() - w_kn, h, den) for c in tried]
+        best = tried[int(np.argmin(errs))]  # ties keep the earlier (simpler) one
+        return dataclasses.replace(best, rel_error=errs[int(np.argmin(errs))])
     qt = quantize_tensor(w, format, block_size, axis=axis, method=method)
     return finish(_transposed(qt) if axis == 1 else qt, None, method)
 
