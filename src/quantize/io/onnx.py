@@ -35,7 +35,9 @@ the model): each weight is read from disk when it is quantized and untouched ten
 file to file when the output is written. With an external-data output, each weight's new
 initializers go to a spill file beside the output as soon as they are made (`_Spill`) and are
 copied into the data file at the end, so memory follows the largest tensor, not the model
-(benchmarks/big_onnx.md); mixed precision (target_bits) holds all candidates until it picks.
+(benchmarks/big_onnx.md). Mixed precision (target_bits) moves every weight's candidate arrays
+to a temporary folder beside the output (the system's for in-memory calls) until the budget
+picks, keeping only their bits and errors, then reads back the chosen ones (`_Stashed`).
 
 ORT note: with its default optimizations ORT fuses DequantizeLinear(int4) -> MatMul into a
 MatMulNBits with accuracy_level 4 (activations quantized to int8 on the fly; session config
@@ -54,7 +56,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -471,6 +473,34 @@ class _Spill:
         self.pos += length
         return light
 
+    def put(self, a: np.ndarray) -> _Ref:
+        """Append an array's bytes (mixed precision's candidates); `get` reads it back."""
+        a = np.ascontiguousarray(a)
+        self.f.write(a.reshape(-1).view(np.uint8).data)
+        ref = _Ref(self.pos, a.dtype, a.shape)
+        self.pos += a.nbytes
+        return ref
+
+    def get(self, ref: _Ref) -> np.ndarray:
+        """An array `put` wrote, read from the file now into a new array."""
+        if not self.f.closed:
+            self.f.flush()
+        a = np.empty(ref.shape, ref.dtype)
+        with open(self.path, "rb") as f:
+            f.seek(ref.offset)
+            n = f.readinto(memoryview(a.reshape(-1).view(np.uint8)))
+        if n != a.nbytes:
+            raise ValueError(f"{self.path}: truncated (read {n} of {a.nbytes} bytes)")
+        return a
+
+
+class _Ref(NamedTuple):
+    """Where `_Spill.put` wrote an array."""
+
+    offset: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
 
 def _shape_only(qt: QuantizedTensor) -> SimpleNamespace:
     """What the graph rewrite still reads of a tensor whose initializers are made."""
@@ -670,6 +700,45 @@ class _Choice:
         return recon if self.inv_scale is None else recon * self.inv_scale[:, None]
 
 
+@dataclasses.dataclass
+class _Stashed:
+    """A `_Choice` whose arrays (codes, scales, zero points, AWQ's 1/s) wait in a spill file:
+    mixed precision keeps every option of every weight until the budget picks, and holding
+    them would cost about half the float model (benchmarks/big_onnx.md)."""
+
+    spill: _Spill
+    fields: dict[str, Any]  # the QuantizedTensor's fields, each array as a `_Ref`
+    inv_scale: _Ref | None
+    picked: str
+    rel_error: float | None
+
+    @classmethod
+    def put(cls, spill: _Spill, c: _Choice) -> _Stashed:
+        """Write c's arrays to `spill` (the caller closes it) and keep the rest."""
+        fields = {}
+        for f in dataclasses.fields(c.qt):
+            v = getattr(c.qt, f.name)
+            fields[f.name] = spill.put(v) if isinstance(v, np.ndarray) else v
+        inv = None if c.inv_scale is None else spill.put(c.inv_scale)
+        return cls(spill, fields, inv, c.picked, c.rel_error)
+
+    def load(self) -> _Choice:
+        """The choice as it was made, its arrays read back."""
+        get = self.spill.get
+        fields = {k: get(v) if isinstance(v, _Ref) else v for k, v in self.fields.items()}
+        inv = None if self.inv_scale is None else get(self.inv_scale)
+        return _Choice(QuantizedTensor(**fields), inv, self.picked, self.rel_error)
+
+
+def _stash_choices(folder: Path, index: int, choices: dict[str, _Choice]) -> dict[str, _Stashed]:
+    """Every option of one weight moved to its own file in `folder` (deleted once it is
+    chosen); what stays in memory is offsets and the small fields."""
+    path = folder / f"{index}.bin"
+    with open(path, "wb") as f:
+        spill = _Spill(path, f)
+        return {label: _Stashed.put(spill, c) for label, c in choices.items()}
+
+
 def _activation_sources(sites: list[_Site]) -> dict[tuple[str, int], list[tuple[str, bool]]]:
     """(weight, axis) -> the activations (name, transposed) its MatMul/Gemm readers multiply."""
     acts: dict[tuple[str, int], list[tuple[str, bool]]] = {}
@@ -764,13 +833,16 @@ def _quantize_weights(
     calib_memory: int | None = None,
     progress: Callable[[str, int], None] | None = None,
     keep: Callable[[tuple[str, int], QuantizedTensor], Any] | None = None,
+    scratch: str | os.PathLike | None = None,
 ) -> tuple[dict, dict, dict]:
     """(quantized tensors, report rows, AWQ 1/s), each keyed by (weight, axis).
 
     keep(key, qt), if given, is what is held for a weight once its tensor is chosen (the
     writer lays it out and spills it to disk, so the quantized model is not held whole).
-    Without target_bits each weight is chosen as soon as it is quantized; with it, all
-    options of all weights are held until the budget picks (today's behaviour).
+    Without target_bits each weight is chosen as soon as it is quantized; with it, every
+    option's arrays go to a temporary folder in `scratch` (None: the system's) until the
+    budget picks, with only their written bits and errors in memory; the chosen ones are read
+    back and the folder is deleted whatever happens.
     Calibration state (a float64 K x K Hessian and up to AWQ_SAMPLES float32 rows of K per
     activation) is captured for groups of weights whose state fits `calib_memory` bytes, one
     pass over the calibration inputs per group; each group's weights are quantized, and its
@@ -842,6 +914,10 @@ def _quantize_weights(
         1/s and the report row; the options not taken go."""
         c = plan["choices"][label]
         plan["choices"] = None
+        if isinstance(c, _Stashed):
+            path = c.spill.path
+            c = c.load()
+            path.unlink()  # the other options' bytes go with it
         w = _weight_array(weights[key[0]])
         if c.inv_scale is not None:
             awq_scales[key] = c.inv_scale
@@ -865,66 +941,80 @@ def _quantize_weights(
         rows[key] = row
         quantized[key] = c.qt if keep is None else keep(key, c.qt)
 
-    for group in groups:
-        captured: dict[str, Any] = {}
-        if calibrated:
-            from .calibration import capture_activations
-
-            wanted = set()
-            for key in group:
-                wanted.update(n for n, _ in acts.get(key, []))
-            group_names = [n for n in names if n in wanted]
-            if group_names:
-                captured = capture_activations(
-                    model,
-                    group_names,
-                    feeds,
-                    transposed=flips & set(group_names),
-                    hessian=want_h,
-                    max_samples=n_samples,
-                )
-        for key in group:
-            plan = _plan_weight(
-                key,
-                node_of[key],
-                weights,
-                acts,
-                captured,
-                options,
-                method=method,
-                want_h=want_h,
-                want_x=want_x,
-                target_bits=target_bits,
-                skipped=skipped,
-                notes=notes,
-            )
-            if plan is not None:
-                if target_bits is None:  # one option: final now, nothing held but its row
-                    finish(key, plan, next(iter(plan["choices"])))
-                else:
-                    plans[key] = plan
-            if progress is not None:
-                progress(key[0], len(keys))
-        del captured
-
-    if not plans:
-        return quantized, rows, awq_scales
-
+    folder = None
     if target_bits is not None:
-        from ..algorithms.mixed import LayerChoice, plan_mixed
+        folder = Path(tempfile.mkdtemp(prefix=".quantize-mixed.", suffix=".tmp", dir=scratch))
+    try:
+        for group in groups:
+            captured: dict[str, Any] = {}
+            if calibrated:
+                from .calibration import capture_activations
 
-        layers = []
-        for i, plan in enumerate(plans.values()):
-            opts = [
-                (label, _written_bits(c.qt, output, c.inv_scale), plan["errors"][label])
-                for label, c in plan["choices"].items()
-            ]
-            layers.append(LayerChoice(str(i), int(plan["n"]), opts))
-        picked = plan_mixed(layers, float(target_bits))
-        chosen = {key: picked[str(i)] for i, key in enumerate(plans)}
-    for key, plan in plans.items():
-        finish(key, plan, chosen[key])
-    return quantized, rows, awq_scales
+                wanted = set()
+                for key in group:
+                    wanted.update(n for n, _ in acts.get(key, []))
+                group_names = [n for n in names if n in wanted]
+                if group_names:
+                    captured = capture_activations(
+                        model,
+                        group_names,
+                        feeds,
+                        transposed=flips & set(group_names),
+                        hessian=want_h,
+                        max_samples=n_samples,
+                    )
+            for key in group:
+                plan = _plan_weight(
+                    key,
+                    node_of[key],
+                    weights,
+                    acts,
+                    captured,
+                    options,
+                    method=method,
+                    want_h=want_h,
+                    want_x=want_x,
+                    target_bits=target_bits,
+                    skipped=skipped,
+                    notes=notes,
+                )
+                if plan is not None:
+                    if target_bits is None:  # one option: final now, nothing held but its row
+                        finish(key, plan, next(iter(plan["choices"])))
+                    else:  # what planning needs stays; the arrays wait on disk
+                        choices = plan["choices"]
+                        plan["bits"] = {
+                            lb: _written_bits(c.qt, output, c.inv_scale)
+                            for lb, c in choices.items()
+                        }
+                        plan["choices"] = _stash_choices(folder, len(plans), choices)
+                        del choices
+                        plans[key] = plan
+                if progress is not None:
+                    progress(key[0], len(keys))
+            del captured
+
+        if not plans:
+            return quantized, rows, awq_scales
+
+        if target_bits is not None:
+            from ..algorithms.mixed import LayerChoice, plan_mixed
+
+            layers = []
+            for i, plan in enumerate(plans.values()):
+                opts = [
+                    (label, plan["bits"][label], plan["errors"][label])
+                    for label in plan["choices"]
+                ]
+                layers.append(LayerChoice(str(i), int(plan["n"]), opts))
+            picked = plan_mixed(layers, float(target_bits))
+            chosen = {key: picked[str(i)] for i, key in enumerate(plans)}
+        for key, plan in plans.items():
+            finish(key, plan, chosen[key])
+        return quantized, rows, awq_scales
+    finally:
+        if folder is not None:  # on success, failure and KeyboardInterrupt alike
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _plan_weight(
@@ -1103,9 +1193,11 @@ def _quantize_in_place(
     details: dict | None = None,
     progress: Callable[[str, int], None] | None = None,
     spill: _Spill | None = None,
+    scratch: str | os.PathLike | None = None,
 ) -> list[dict]:
     """quantize_onnx_model's work on `model` itself. spill: each weight's new initializers are
-    laid out as soon as its tensor is chosen and their bytes moved to that file."""
+    laid out as soon as its tensor is chosen and their bytes moved to that file. scratch: the
+    folder for mixed precision's candidates (None: the spill file's, else the system's)."""
     _check_args(format, block_size, output, accuracy_level, method, target_bits)
     if calib_memory is not None:
         if isinstance(calib_memory, bool) or not isinstance(calib_memory, (int, np.integer)):
@@ -1186,6 +1278,7 @@ def _quantize_in_place(
         calib_memory=calib_memory,
         progress=progress,
         keep=None if spill is None else keep,
+        scratch=scratch if scratch is not None or spill is None else spill.path.parent,
     )
     sites = [s for s in sites if (s.weight, s.axis) in quantized]
     if not sites:
@@ -1746,12 +1839,18 @@ def quantize_onnx_file(
         spill_path = Path(name)
     try:
         try:
+            # mixed precision's candidates wait beside the output too (the system's temp
+            # folder may be small)
             if spill_path is None:
-                rows = _quantize_in_place(model, details=details, **options)
+                rows = _quantize_in_place(model, details=details, scratch=out.parent, **options)
             else:
                 with open(spill_path, "wb") as f:
                     rows = _quantize_in_place(
-                        model, details=details, spill=_Spill(spill_path, f), **options
+                        model,
+                        details=details,
+                        spill=_Spill(spill_path, f),
+                        scratch=out.parent,
+                        **options,
                     )
         except ValueError as exc:
             raise ValueError(f"{src}: {exc}") from None
