@@ -51,6 +51,22 @@ NumPy trial). For int4 (symmetric, no zero point) the gain term costs MiniLM
 int4's round to nearest wastes a code and the search's clipping buys much more there, so the
 formats without a zero point keep plain squared error.
 
+int4_ort (ONNX Runtime's symmetric rule: the block's extreme on code -8, scale -extreme/8, the
+other side reaching 7 steps) gets both orientations at every ratio: ORT's, and the other one,
+the extreme on the 7-step side (scale |extreme| * ratio / 7, int4's rule), which leaves the
+extra code to the other side; per block the better is kept, ORT's own (ratio 1) first. Its zero
+point (8 or 7) only says which side holds the extra code, and both terms get weight 0.25
+(`ORT_INT4_WEIGHT`): measured (benchmarks/methods_real_models.md, 2026-11-23 16:20) plain
+squared error won MiniLM by far but lost rxnmap at both blocks to ORT's own rule, weights 1 / 1
+lost MiniLM b32 and rxnmap b128, 0.25 / 0.25 was the one of six weightings tried to beat ORT's
+symmetric quantizer in all six cases (chosen on those held-out figures: small margins on
+MiniLM b32 and rxnmap b128 are within their noise). int4 itself cannot take the other
+orientation: it would need a negative scale (-8 on the extreme's side of a positive extreme),
+and a QuantizedTensor's scales are > 0 (the compressed-tensors layout could not store others
+either); int4_ort stores that choice in its zero point, and its ONNX writers emit ORT's signed
+scales with no zero point, the same bytes as ORT's symmetric quantizer. (No compiled search
+for int4_ort yet: the NumPy path, much slower than int4's kernel.)
+
 The decoded values are in the compute dtype (float32, or float64 for float64 input), the
 differences, squares and sums in float64. The padding of a row's last block is not scored (the
 core says how long it is; n counts only the real elements). The sums run in a fixed order,
@@ -66,6 +82,7 @@ import numpy as np
 
 from ..formats import Format, get_format
 from ..formats.base import effective_scale
+from ..formats.integer import INT4, OrtInt4
 from . import register_method
 
 DEFAULT_STEPS = 21
@@ -74,6 +91,8 @@ DEFAULT_LOWEST = 0.5
 DEFAULT_DC_WEIGHT = 1.0
 #: weight of n * sum(e x)^2 / sum(x^2) (the error's gain part) in the objective (docstring)
 DEFAULT_GAIN_WEIGHT = 1.0
+#: int4_ort's default weights of both terms (its zero point is only a sign; module docstring)
+ORT_INT4_WEIGHT = 0.25
 #: elements scored per NumPy pass: bounds the temporaries (about 40 bytes per element)
 _CHUNK_ELEMENTS = 1 << 20
 
@@ -273,6 +292,30 @@ def _pick_two_stage(fmt, x, s, z, ts, last_valid, dc_weight, gain_weight) -> np.
     return np.where(sure | (exact_best < exact_rtn), pick, 0)
 
 
+def _default_weight(fmt, weight: float) -> float:
+    """`weight` for formats whose zero point shifts the grid (uint4, ...), ORT_INT4_WEIGHT for
+    int4_ort (its zero point, 8 or 7, only says which side of a symmetric grid holds the extra
+    code), 0 for the formats without a zero point."""
+    f = get_format(fmt)
+    if isinstance(f, OrtInt4):
+        return ORT_INT4_WEIGHT
+    return weight if f.zero_point else 0.0
+
+
+def _flipped_candidates(blocks, cands, ratios) -> list:
+    """int4_ort's other orientation at each ratio: the block's extreme on the 7-step side
+    (zero point 15 - ORT's), so scale = |extreme| * ratio / 7, int4's rule (`SymmetricInt`).
+
+    ORT's rule always spends the extra code (-8) on the extreme; when clipping the extreme is
+    cheap the other side may need it more, so the search scores both (see the module
+    docstring)."""
+    out = []
+    for r, (_, zp) in zip(ratios, cands, strict=True):
+        scale, _ = INT4.choose_params(blocks, r)
+        out.append((scale, (np.uint8(15) - zp).astype(np.uint8)))
+    return out
+
+
 class MSESearch:
     """Per block, the range ratio (of a grid down to `lowest`) whose scale gives the least
     `search_error`.
@@ -322,17 +365,18 @@ class MSESearch:
 
     def dc_weight_for(self, fmt) -> float:
         """The objective's dc_weight for `fmt`: as given, or by default 1 for formats with a
-        zero point and 0 for the others (module docstring)."""
+        zero point, 0.25 for int4_ort (whose zero point is only the scale's sign) and 0 for the
+        others (module docstring)."""
         if self.dc_weight is not None:
             return self.dc_weight
-        return DEFAULT_DC_WEIGHT if get_format(fmt).zero_point else 0.0
+        return _default_weight(fmt, DEFAULT_DC_WEIGHT)
 
     def gain_weight_for(self, fmt) -> float:
-        """The objective's gain_weight for `fmt`: as given, or by default 1 for formats with a
-        zero point and 0 for the others (module docstring)."""
+        """The objective's gain_weight for `fmt`: as given, or by default as dc_weight's
+        (module docstring)."""
         if self.gain_weight is not None:
             return self.gain_weight
-        return DEFAULT_GAIN_WEIGHT if get_format(fmt).zero_point else 0.0
+        return _default_weight(fmt, DEFAULT_GAIN_WEIGHT)
 
     def ratios(self, clip_ratio: float = 1.0) -> list[float]:
         """The ratios this search tries, largest (round to nearest's) first."""
@@ -344,6 +388,8 @@ class MSESearch:
         # every candidate's params from the whole array (nvfp4 reads the tensor's amax), then
         # the scoring in chunks of blocks, which bounds the temporaries
         cands = [fmt.choose_params(blocks, r) for r in ratios]
+        if isinstance(fmt, OrtInt4):
+            cands += _flipped_candidates(blocks, cands, ratios)
         lead, (nb, bs) = blocks.shape[:-2], blocks.shape[-2:]
         flat = blocks.reshape(-1, nb, bs)
         fs = np.stack([s.reshape(-1, nb) for s, _ in cands])

@@ -67,37 +67,42 @@ def _uint4_deq(v, scale, zpf):
 
 
 @njit(inline="always")
-def _scan(xb, s_, i_, z_, a_, b_, c_, signed, gain):
-    """One pass over the block for _LANES candidates: a_ += d^2, b_ += d and, with `gain`,
-    c_ += d * x (signed, gain: constants where it is inlined, so each variant is a plain loop)."""
+def _lane_d(v, inv, scale, zpf, signed):
+    """The float32 decoding error of v at one candidate: codes rint(v * inv), clipped."""
     if signed:
-        for j in range(xb.shape[0]):
-            v = _load(xb, j)
-            for k in range(_LANES):
-                d = min(max(np.rint(v * i_[k]), np.float32(-8.0)), _SEVEN) * s_[k] - v
-                a_[k] += d * d
-                b_[k] += d
-                if gain:
-                    c_[k] += d * v
-    else:
-        for j in range(xb.shape[0]):
-            v = _load(xb, j)
-            for k in range(_LANES):
-                c = min(max(np.rint(v * i_[k]) + z_[k], _ZERO), _FIFTEEN)
-                d = (c - z_[k]) * s_[k] - v
-                a_[k] += d * d
-                b_[k] += d
-                if gain:
-                    c_[k] += d * v
+        return min(max(np.rint(v * inv), np.float32(-8.0)), _SEVEN) * scale - v
+    c = min(max(np.rint(v * inv) + zpf, _ZERO), _FIFTEEN)
+    return (c - zpf) * scale - v
 
 
 @njit(inline="always")
-def _approx_all(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gw, signed):
+def _scan(xb, s_, i_, z_, a_, b_, c_, signed, gain, sumsq):
+    """One pass over the block for _LANES candidates: a_ += d^2, b_ += d and, with `gain`,
+    c_ += d * x (signed, gain, sumsq: constants where it is inlined, so each variant is a plain
+    loop). Returns, with `sumsq`, the block's sum(x^2) (float64, in order; else 0): the gain
+    factor's sum, a scalar chain that runs in the shadow of the vectorised candidates' work
+    instead of in a pass of its own."""
+    q = 0.0
+    for j in range(xb.shape[0]):
+        v = _load(xb, j)
+        if sumsq:
+            q += np.float64(v) * np.float64(v)
+        for k in range(_LANES):
+            d = _lane_d(v, i_[k], s_[k], z_[k], signed)
+            a_[k] += d * d
+            b_[k] += d
+            if gain:
+                c_[k] += d * v
+    return q
+
+
+@njit(inline="always")
+def _approx_all(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, signed):
     """score[k] = `mse.approx_sse` of the block at scale sk[k] (ik[k] = 1 / sk[k], zk[k] the zero
     point, float32): codes rint(x * ik[k]), squares and sums in float32, in order of the elements
     (acc1: the sums of the differences, acc2: of the differences times x), acc + dcw * acc1^2 in
-    float32 (dcw != 0), then in float64 plus gw * acc2^2 (gw: the block's `mse.gain_factor`, 0:
-    no gain term).
+    float32 (dcw != 0), then in float64 plus gw * acc2^2, gw the block's `mse.gain_factor` for
+    the weight `gain` (0: no gain term). Returns gw.
 
     Candidates are the inner loop: each element is loaded once and scored against _LANES of
     them, a float32 map with a constant trip count that LLVM vectorises whole (a sum over the
@@ -106,13 +111,18 @@ def _approx_all(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gw, signed):
         acc[k] = _ZERO
         acc1[k] = _ZERO
         acc2[k] = _ZERO
+    q = 0.0
     for p0 in range(0, sk.shape[0], _LANES):
         s_, i_, z_ = sk[p0:], ik[p0:], zk[p0:]
         a_, b_, c_ = acc[p0:], acc1[p0:], acc2[p0:]
-        if gw != 0.0:
-            _scan(xb, s_, i_, z_, a_, b_, c_, signed, True)
+        if gain == 0.0:
+            _scan(xb, s_, i_, z_, a_, b_, c_, signed, False, False)
+        elif p0 == 0:
+            q = _scan(xb, s_, i_, z_, a_, b_, c_, signed, True, True)
         else:
-            _scan(xb, s_, i_, z_, a_, b_, c_, signed, False)
+            _scan(xb, s_, i_, z_, a_, b_, c_, signed, True, False)
+    # `mse.gain_factor`; a block of zeros (q == 0) has sum(d x) == 0 and gets factor 0
+    gw = (gain * np.float64(xb.shape[0])) / q if q > 0.0 else 0.0
     for k in range(sk.shape[0]):
         a = acc[k]
         if dcw != _ZERO:
@@ -121,52 +131,59 @@ def _approx_all(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gw, signed):
         if gw != 0.0:
             s2 = np.float64(acc2[k])
             score[k] = score[k] + gw * (s2 * s2)
+    return gw
 
 
 @njit(inline="always")
-def _gain_factor(xb, gain):
-    """`mse.gain_factor` of the block: gain * n / sum(x^2) (float64, in order), 0 if that is 0."""
-    if gain == 0.0:
-        return 0.0
-    q = 0.0
-    for j in range(xb.shape[0]):
-        v = np.float64(_load(xb, j))
-        q += v * v
-    if not q > 0.0:
-        return 0.0
-    return (gain * np.float64(xb.shape[0])) / q
+def _exact2(xb, sa, za, sb, zb, dcw, gw, signed, da, db):
+    """`mse.search_error` of the block for two candidates (scale, zero point): the format's own
+    codes (a true division), decoded in float32, differences, squares and the sums (in order)
+    in float64. da, db: float64 buffers of at least the block's length.
 
-
-@njit(inline="always")
-def _exact(xb, scale, zpf, dcw, gw, signed):
-    """`mse.search_error` of the block: the format's own codes (a true division), decoded in
-    float32, differences, squares and the sums (in order) in float64."""
-    acc = 0.0
-    acc1 = 0.0
-    acc2 = 0.0
-    for j in range(xb.shape[0]):
+    Two loops: the differences first, a map with no loop-carried dependence that vectorises
+    (the divisions above all), then the six sums, each in order of the elements, as
+    independent chains in one pass; same bits as one scalar loop per candidate."""
+    n = xb.shape[0]
+    for j in range(n):
         v = _load(xb, j)
         if signed:
-            d = _diff(v, _int4_code(v, scale) * scale)
+            da[j] = _diff(v, _int4_code(v, sa) * sa)
+            db[j] = _diff(v, _int4_code(v, sb) * sb)
         else:
-            d = _diff(v, _uint4_deq(v, scale, zpf))
-        acc += d * d
-        acc1 += d
-        if gw != 0.0:  # (a scalar loop: the branch is cheap, the product is not)
-            acc2 += d * np.float64(v)
-    err = acc + np.float64(dcw) * (acc1 * acc1)
+            da[j] = _diff(v, _uint4_deq(v, sa, za))
+            db[j] = _diff(v, _uint4_deq(v, sb, zb))
+    a0 = 0.0
+    a1 = 0.0
+    a2 = 0.0
+    b0 = 0.0
+    b1 = 0.0
+    b2 = 0.0
+    for j in range(n):
+        a = da[j]
+        b = db[j]
+        a0 += a * a
+        a1 += a
+        b0 += b * b
+        b1 += b
+        if gw != 0.0:  # (a scalar loop: the branch is cheap, the products are not)
+            v = np.float64(_load(xb, j))
+            a2 += a * v
+            b2 += b * v
+    ea = a0 + np.float64(dcw) * (a1 * a1)
+    eb = b0 + np.float64(dcw) * (b1 * b1)
     if gw != 0.0:
-        err = err + gw * (acc2 * acc2)
-    return err
+        ea = ea + gw * (a2 * a2)
+        eb = eb + gw * (b2 * b2)
+    return ea, eb
 
 
 @njit(inline="always")
-def _choose(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gw, nr, signed):
+def _choose(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, nr, signed, da, db):
     """Index of the chosen candidate (`mse.approx_sse` ranks them; see `mse._pick_two_stage`):
-    the first least approximate error; kept outright when dcw and gw are 0 and it beats round
+    the first least approximate error; kept outright when dcw and gain are 0 and it beats round
     to nearest's (candidate 0) by more than the approximation's error bound (`mse.sure_margin`),
     else only if its exact error is strictly below round to nearest's; otherwise 0."""
-    _approx_all(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gw, signed)
+    gw = _approx_all(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, signed)
     best = 0
     for k in range(nr):
         # 1/scale overflows (subnormal scales), or the sums do (inf - inf): not scored
@@ -178,12 +195,11 @@ def _choose(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gw, nr, signed):
         return 0
     ar = score[0]
     margin = 1e-3 + 8.0 * xb.shape[0] * 2.0**-24
-    plain = dcw == _ZERO and gw == 0.0
+    plain = dcw == _ZERO and gain == 0.0
     if plain and np.isfinite(ar) and score[best] < ar * (1.0 - margin):
         return best
-    if _exact(xb, sk[best], zk[best], dcw, gw, signed) < _exact(xb, sk[0], zk[0], dcw, gw, signed):
-        return best
-    return 0
+    e_best, e_rtn = _exact2(xb, sk[best], zk[best], sk[0], zk[0], dcw, gw, signed, da, db)
+    return best if e_best < e_rtn else 0
 
 
 @njit(inline="always")
@@ -322,19 +338,20 @@ def mse_kernel(x, packed, scales, zero_points, ratios, nr, dcw, gain, bs, chunk)
         acc1 = np.empty(nk, np.float32)
         acc2 = np.empty(nk, np.float32)
         score = np.empty(nk, np.float64)
+        da = np.empty(bs, np.float64)
+        db = np.empty(bs, np.float64)
         for b in range(b0, b1):
             s0 = b * bs
             e = min(s0 + bs, n)
             _prefetch_ahead(x, r * n + s0, e - s0, total)
             xb = xr[s0:e]
-            gw = _gain_factor(xb, gain)
             if zero_points is None:
                 _int4_candidates(_amax(xb), ratios, sk, ik)
-                kb = _choose(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gw, nr, True)
+                kb = _choose(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, nr, True, da, db)
             else:
                 lo, hi = _lo_hi(xb)
                 _uint4_candidates(lo, hi, ratios, sk, ik, zk)
-                kb = _choose(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gw, nr, False)
+                kb = _choose(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, nr, False, da, db)
                 zero_points[r, b] = np.uint8(zk[kb])
             sr[b] = sk[kb]
         if zero_points is None:
