@@ -1,12 +1,14 @@
-"""The fast paths of the int4/uint4 quantize kernel (`kernels.intvec`) equal the NumPy path.
+"""The fast paths of the int4/uint4/int4_ort quantize kernel (`kernels.intvec`) equal the NumPy
+path.
 
 The kernel computes x / scale as a reciprocal multiply with one FMA correction (scales in
-[2**-60, 2**60]; others divide), int4 scales from 16-block amax vectors and uint4 scales and
-zero points 16 blocks at a time (`_uint4_param_groups`), falling back to the exact scalar rules
-for spans that overflow, nudged and subnormal scales. These paths only run on work items of 16
-or more whole blocks, so the arrays here have enough blocks (`quantize.kernels._chunk` gives at
-least 64 items: rows * blocks >= 1024). The correction's argument is checked below on a sample
-of scales; QUANTIZE_EXHAUSTIVE=1 checks every float32 mantissa (about 4 minutes on 2 cores).
+[2**-60, 2**60]; others divide), int4 scales from 16-block amax vectors and uint4 and int4_ort
+scales and zero points 16 blocks at a time (`_uint4_param_groups`, `_ort_param_groups`), falling
+back to the exact scalar rules for spans that overflow, nudged and subnormal scales. These paths
+only run on work items of 16 or more whole blocks, so the arrays here have enough blocks
+(`quantize.kernels._chunk` gives at least 64 items: rows * blocks >= 1024). The correction's
+argument is checked below on a sample of scales; QUANTIZE_EXHAUSTIVE=1 checks every float32
+mantissa (about 4 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -127,7 +129,39 @@ def test_odd_blocks_inside_groups_of_16(fmt, rows, n, bs):
     check(fmt, y, bs)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("rows", "n", "bs"), [(64, 2048, 128), (33, 4196, 128), (40, 1030, 32)])
+def test_int4_ort_params_16_blocks_at_a_time(rows, n, bs):
+    """int4_ort's vector parameter pass (`_ort_param_groups`) on items of >= 16 blocks: ties
+    |max| == |min| (the minimum wins), all-positive and all-negative blocks, and, in a few rows
+    only, a block whose scale |e| / 8 is subnormal (the item falls back to the scalar rule)."""
+    rng = rng_for("int4_ort", rows, n, bs, "groups")
+    x = rng.standard_normal((rows, n)).astype(np.float32)
+    nb = n // bs
+    blocks = x[:, : nb * bs].reshape(rows, nb, bs)
+    kinds = rng.integers(0, 8, (rows, nb))
+    for r, b in zip(*np.nonzero(kinds < 5), strict=True):
+        v = blocks[r, b]
+        m = np.abs(v).max()
+        if kinds[r, b] == 0:
+            v[3], v[9] = m, -m  # a tie: zero point 8
+        elif kinds[r, b] == 1:
+            v[:] = np.abs(v)
+        elif kinds[r, b] == 2:
+            v[:] = -np.abs(v)
+        elif kinds[r, b] == 3:
+            v[:] = 0.0
+        else:
+            v *= np.float32(2.0**100)  # large scales divide in the code pass
+    check("int4_ort", x, bs)
+    y = x.copy()
+    y[::5, bs : 2 * bs] *= np.float32(1e-40)
+    y[::5, bs + 2] = np.float32(-5e-38)  # amax in [tiny, 8 * tiny): the scale is subnormal
+    y[1::7, 4 * bs : 5 * bs] *= np.float32(1e-41)
+    check("int4_ort", y, bs)
+    check("int4_ort", _odd_blocks(rng, rows, n, bs), bs)
+
+
+@pytest.mark.parametrize("fmt", [*FORMATS, "int4_ort"])
 def test_half_inputs_and_thread_counts_on_the_fast_paths(fmt):
     import ml_dtypes
 

@@ -7,25 +7,26 @@ kernels run whole blocks of a multiple of 16 elements through LLVM vector IR loo
 op where numba's own loops deinterleave the nibbles with 512-bit permutes and then work in
 8-lane halves); the scalar rules and helpers are `int4`'s, which `fp4` also builds on.
 
-int4 and uint4 quantize, per work item (a run of blocks in one row, `int4`'s layout), in two
-passes, both vectorised:
+int4, uint4 and int4_ort quantize, per work item (a run of blocks in one row, `int4`'s
+layout), in two passes, both vectorised:
 
-1. the scales (uint4: and zero points) of 16 whole blocks at a time: the block maxima of the
-   int32 keys (`bits & 0x7fffffff`; uint4: bits and bits ^ 0x80000000) folded by a tree of
-   shuffles into one vector (int4: `fp4._row_amax`; uint4: `_uint4_param_groups`), then the
-   format's rule on the vector. The rare blocks the vectorised rule leaves out (nudged or
-   subnormal scales, a span that overflows float32) send the item to the exact scalar rules.
+1. the scales (uint4, int4_ort: and zero points) of 16 whole blocks at a time: the block maxima
+   of the int32 keys (`bits & 0x7fffffff`; uint4, int4_ort: bits and bits ^ 0x80000000) folded
+   by a tree of shuffles into one vector (int4: `fp4._row_amax`; uint4: `_uint4_param_groups`;
+   int4_ort: `_ort_param_groups`), then the format's rule on the vector. The rare blocks the
+   vectorised rule leaves out (nudged or subnormal scales, a span that overflows float32) send
+   the item to the exact scalar rules.
 2. the codes, rint(q) clipped, from q = x / scale rounded once to float32, computed as a
    reciprocal multiply with one FMA correction, which equals the IEEE division wherever it
    matters (`_int_codes_blocks` has the argument and its exhaustive check); the next item's
    input is prefetched meanwhile, so that its memory reads overlap this pass's arithmetic.
 
-int4_ort (ONNX Runtime's MatMulNBits rule, `formats.integer.OrtInt4`, bit for bit), per block:
-the extreme e by int32 max-reductions over the float32 bits (`int4._range_keys`), scale =
-|e| / 8 (`int4._cover`'s nudge for subnormal blocks), zero point 7 if e > 0 else 8; codes
-clamp(roundf(x * (1 / s) + 8), 0, 15), s = ORT's signed scale (-scale where the zero point is 7;
-x * (1 / -scale) is -(x * (1 / scale)) exactly), x / s where 1 / s overflows, roundf as floor
-plus the exact fraction (ties up), then 15 - code where the zero point is 7. Its values decode
+int4_ort (ONNX Runtime's MatMulNBits rule, `formats.integer.OrtInt4`, bit for bit): the
+extreme e by int32 max-reductions over the float32 bits (`int4._range_keys`), scale = |e| / 8
+(`int4._cover`'s nudge for subnormal scales, by the scalar rule), zero point 7 if e > 0 else 8;
+codes clamp(roundf(x * (1 / s) + 8), 0, 15), s = ORT's signed scale (-scale where the zero point
+is 7; x * (1 / -scale) is -(x * (1 / scale)) exactly), x / s where 1 / s overflows, roundf as
+floor plus the exact fraction (ties up), then 15 - code where the zero point is 7. Its values decode
 as uint4's, so `dequantize_uint4` serves it.
 
 Dequantize: the code (int4: the nibble sign-extended; uint4: nibble - zero point) * scale in
@@ -253,15 +254,15 @@ def _int_codes_blocks(encode, zero_points=False, store=_vstore_packed):
     return int_codes_blocks
 
 
-@intrinsic
-def _uint4_param_groups(typingctx, xr, sr, zr, b0, b1, bs):
-    """uint4 scales and zero points (`int4._uint4_params`) of the whole blocks b0..b1-1 of a row
-    (float32 or half input, bs % 16 == 0), 16 blocks at a time: per block the lane-wise int32
-    maxima of the bits and of bits ^ 0x80000000 (`int4._range_keys`), folded by a tree of
-    shuffles into one vector of 16 blocks' keys each, then the rule on 16 blocks at once. Returns
-    the first block not done (b0 + a multiple of 16), or -1 if some block of the row's groups
-    needs what this leaves out (a span that overflows float32, `_cover`'s nudge, a subnormal
-    scale): the caller then applies the exact scalar rule to all of them."""
+def _param_groups(rule):
+    """An intrinsic (x_row, scales_row, zero_points_row, b0, b1, bs) -> intp: the scales and
+    zero points of the whole blocks b0..b1-1 of a row (float32 or half input, bs % 16 == 0), 16
+    blocks at a time: per block the lane-wise int32 maxima of the bits and of bits ^ 0x80000000
+    (`int4._range_keys`), folded by a tree of shuffles into one vector of 16 blocks' keys each,
+    then `rule(builder, hk, lk) -> (scale, zero point i32, odd)` on 16 blocks at once. Returns
+    the first block not done (b0 + a multiple of 16), or -1 if some block of the row's groups is
+    `odd` (needs what the vector rule leaves out): the caller then applies the exact scalar rule
+    to all of them."""
 
     def codegen(context, builder, sig, args):
         xty, sty, zty = sig.args[:3]
@@ -272,10 +273,6 @@ def _uint4_param_groups(typingctx, xr, sr, zr, b0, b1, bs):
         zdata = context.make_array(zty)(context, builder, za).data
         bad = cgutils.alloca_once_value(builder, ir.Constant(ir.IntType(1), 0))
         top = _splat(-0x80000000)
-        v64 = ir.VectorType(ir.DoubleType(), _W)
-
-        def vmax(x, y):
-            return builder.select(builder.icmp_signed(">", x, y), x, y)
 
         def block_keys(b):
             s0 = builder.mul(b, bsv)
@@ -289,8 +286,8 @@ def _uint4_param_groups(typingctx, xr, sr, zr, b0, b1, bs):
             lacc = cgutils.alloca_once_value(builder, l0)
             with cgutils.for_range_slice(builder, intp(1), units, intp(1), intp=intp) as (u, _):
                 h, lw = keys(builder.add(s0, builder.mul(u, intp(_W))))
-                builder.store(vmax(builder.load(hacc), h), hacc)
-                builder.store(vmax(builder.load(lacc), lw), lacc)
+                builder.store(_vmax(builder, builder.load(hacc), h), hacc)
+                builder.store(_vmax(builder, builder.load(lacc), lw), lacc)
             return builder.load(hacc), builder.load(lacc)
 
         def tree(vs):
@@ -302,39 +299,16 @@ def _uint4_param_groups(typingctx, xr, sr, zr, b0, b1, bs):
 
         n16 = builder.udiv(builder.sub(b1v, b0v), intp(_W))
         zero = _splat(0)
-        fz = _splat(0.0, _F32)
         with cgutils.for_range(builder, n16) as loop:
             g = builder.add(b0v, builder.mul(loop.index, intp(_W)))
             ks = [block_keys(builder.add(g, intp(i))) for i in range(_W)]
-            hk = vmax(tree([k[0] for k in ks]), zero)  # lane i: block g + i
-            lk = vmax(tree([k[1] for k in ks]), zero)
-            hi = builder.bitcast(hk, _VF)
-            lo = builder.select(
-                builder.icmp_signed(">", lk, zero), builder.fneg(builder.bitcast(lk, _VF)), fz
-            )
-            span = builder.fsub(hi, lo)
-            flat = builder.fcmp_ordered("==", span, fz)
-            scale = builder.fdiv(span, _splat(15.0, _F32))
-            short = builder.fcmp_ordered(
-                "<",
-                builder.fmul(builder.fpext(scale, v64), _splat(15.5, ir.DoubleType())),
-                builder.fpext(span, v64),
-            )
-            tiny = builder.fcmp_ordered("<", scale, _splat(float(np.finfo(np.float32).tiny), _F32))
-            inf = builder.fcmp_ordered("==", span, _splat(float("inf"), _F32))
-            odd = builder.and_(builder.or_(builder.or_(short, tiny), inf), builder.not_(flat))
+            hk = _vmax(builder, tree([k[0] for k in ks]), zero)  # lane i: block g + i
+            lk = _vmax(builder, tree([k[1] for k in ks]), zero)
+            scale, zi, odd = rule(builder, hk, lk)
             anyodd = builder.call(
                 _vfunc(builder, "llvm.vector.reduce.or.v16i1", ir.IntType(1), [odd.type]), [odd]
             )
             builder.store(builder.or_(builder.load(bad), anyodd), bad)
-            rint = _vfunc(builder, "llvm.rint.v16f32", _VF, [_VF])
-            z = builder.fneg(builder.call(rint, [builder.fdiv(lo, scale)]))
-            z = builder.select(builder.fcmp_ordered(">", z, fz), z, fz)
-            z = builder.select(
-                builder.fcmp_ordered("<", z, _splat(15.0, _F32)), z, _splat(15.0, _F32)
-            )
-            zi = builder.select(flat, zero, builder.fptosi(z, _V32))
-            scale = builder.select(flat, _splat(1.0, _F32), scale)
             ptr = builder.bitcast(builder.gep(sdata, [g]), _VF.as_pointer())
             builder.store(scale, ptr, align=4)
             z8 = builder.trunc(zi, ir.VectorType(ir.IntType(8), _W))
@@ -344,7 +318,68 @@ def _uint4_param_groups(typingctx, xr, sr, zr, b0, b1, bs):
         done = builder.add(b0v, builder.mul(n16, intp(_W)))
         return builder.select(builder.load(bad), intp(-1), done)
 
-    return types.intp(xr, sr, zr, types.intp, types.intp, types.intp), codegen
+    @intrinsic
+    def param_groups(typingctx, xr, sr, zr, b0, b1, bs):
+        return types.intp(xr, sr, zr, types.intp, types.intp, types.intp), codegen
+
+    return param_groups
+
+
+def _vmax(builder, x, y):
+    """Lane-wise signed int32 max."""
+    return builder.select(builder.icmp_signed(">", x, y), x, y)
+
+
+_TINY32 = float(np.finfo(np.float32).tiny)
+
+
+def _uint4_rule(builder, hk, lk):
+    """`int4._uint4_params` on 16 blocks' keys; odd: a span that overflows float32, `_cover`'s
+    nudge or a subnormal scale."""
+    zero = _splat(0)
+    fz = _splat(0.0, _F32)
+    v64 = ir.VectorType(ir.DoubleType(), _W)
+    hi = builder.bitcast(hk, _VF)
+    lo = builder.select(
+        builder.icmp_signed(">", lk, zero), builder.fneg(builder.bitcast(lk, _VF)), fz
+    )
+    span = builder.fsub(hi, lo)
+    flat = builder.fcmp_ordered("==", span, fz)
+    scale = builder.fdiv(span, _splat(15.0, _F32))
+    short = builder.fcmp_ordered(
+        "<",
+        builder.fmul(builder.fpext(scale, v64), _splat(15.5, ir.DoubleType())),
+        builder.fpext(span, v64),
+    )
+    tiny = builder.fcmp_ordered("<", scale, _splat(_TINY32, _F32))
+    inf = builder.fcmp_ordered("==", span, _splat(float("inf"), _F32))
+    odd = builder.and_(builder.or_(builder.or_(short, tiny), inf), builder.not_(flat))
+    rint = _vfunc(builder, "llvm.rint.v16f32", _VF, [_VF])
+    z = builder.fneg(builder.call(rint, [builder.fdiv(lo, scale)]))
+    z = builder.select(builder.fcmp_ordered(">", z, fz), z, fz)
+    z = builder.select(builder.fcmp_ordered("<", z, _splat(15.0, _F32)), z, _splat(15.0, _F32))
+    zi = builder.select(flat, zero, builder.fptosi(z, _V32))
+    return builder.select(flat, _splat(1.0, _F32), scale), zi, odd
+
+
+def _ort_rule(builder, hk, lk):
+    """`int4._ort_params` on 16 blocks' keys: the extreme's key (hk if hk > lk, a tie picks the
+    minimum), scale = |e| / 8 (1 for e == 0), zero point 7 if hk > lk else 8. |e| / 8 is exact
+    when it is normal, so `_cover` nudges nothing there; odd: a subnormal scale (where it may),
+    the scalar rule then redoes the item. NaN and inf give what the scalar rule gives (a NaN or
+    inf scale, never nudged)."""
+    pos = builder.icmp_signed(">", hk, lk)
+    key = builder.select(pos, hk, lk)
+    flat = builder.icmp_signed("==", key, _splat(0))
+    scale = builder.fdiv(builder.bitcast(key, _VF), _splat(8.0, _F32))
+    tiny = builder.fcmp_ordered("<", scale, _splat(_TINY32, _F32))
+    odd = builder.and_(tiny, builder.not_(flat))
+    zi = builder.select(pos, _splat(7), _splat(8))
+    return builder.select(flat, _splat(1.0, _F32), scale), zi, odd
+
+
+_uint4_param_groups = _param_groups(_uint4_rule)
+_ort_param_groups = _param_groups(_ort_rule)
 
 
 #: the `fmt` argument of `quantize_int` (and how `quantize.kernels` picks the rule)
@@ -406,7 +441,7 @@ def quantize_int(x, packed, scales, zero_points, bs, chunk, fmt):
         pr = packed[r]
         sr = scales[r]
         zr = zero_points[min(r, zero_points.shape[0] - 1)]
-        # pass 1: every block's scale (their latency chains overlap). int4 and uint4: the
+        # pass 1: every block's scale (their latency chains overlap). All three formats: the
         # reductions 16 blocks at a time, then the rule across blocks (both vectorised); the
         # exact scalar rule for the rest and wherever a vectorised rule leaves something out
         fast_end = max(b0, min(b1, n // bs)) if bs % _W == 0 else b0
@@ -416,6 +451,8 @@ def quantize_int(x, packed, scales, zero_points, bs, chunk, fmt):
             done = b0 if _int4_scales(sr[b0:b1]) else b1
         elif fmt == UINT4:
             done = max(b0, _uint4_param_groups(xr, sr, zr, b0, fast_end, bs))
+        else:
+            done = max(b0, _ort_param_groups(xr, sr, zr, b0, fast_end, bs))
         for b in range(done, b1):
             s0 = b * bs
             e = min(s0 + bs, n)
