@@ -28,12 +28,14 @@ from .int4 import (
     _TINY,
     _abs_key,
     _bits,
+    _close_row,
     _cover,
     _from_bits,
     _load,
     _neg_key,
     _pack2,
     _prefetch_ahead,
+    _put_nibble,
 )
 
 _ONE = np.float32(1.0)
@@ -303,13 +305,8 @@ def _pack_item(xr, pr, sr, zr, b0, b1, bs, n, signed):
                     c = np.int32(_uint4_code(v, scale, zpf))
             else:  # padding: the code of 0
                 c = np.int32(0) if signed else np.int32(zpf)
-            if p % 2 == 0:
-                low = c
-            else:
-                pr[p // 2] = _pack2(low, c)
-    end = b1 * bs
-    if end % 2 == 1:  # odd total: a zero high nibble pads the row's last byte
-        pr[end // 2] = _pack2(low, np.int32(0))
+            low = _put_nibble(pr, p, c, low)
+    _close_row(pr, b1 * bs, low)
 
 
 @njit(parallel=True, nogil=True, cache=True)
