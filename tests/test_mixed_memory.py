@@ -17,40 +17,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 import quantize.io.onnx as qonnx
+from _onnx_chain import chain_model
 from quantize.io.onnx import quantize_onnx_file, quantize_onnx_model
 
 DIM = 256
 
 
 def _external_model(folder: Path, layers: int) -> Path:
-    """A chain of `layers` MatMuls, float32 DIM x DIM weights in one external data file."""
-    rng = np.random.default_rng(layers)
-    inits, nodes, offset = [], [], 0
-    with open(folder / "m.onnx.data", "wb") as f:
-        for i in range(layers):
-            w = (rng.standard_normal((DIM, DIM)) * (1 + i % 3)).astype(np.float32)
-            f.write(w.tobytes())
-            t = TensorProto(name=f"W{i}", data_type=TensorProto.FLOAT, dims=[DIM, DIM])
-            t.data_location = TensorProto.EXTERNAL
-            for k, v in (("location", "m.onnx.data"), ("offset", offset), ("length", w.nbytes)):
-                t.external_data.add(key=k, value=str(v))
-            offset += w.nbytes
-            inits.append(t)
-            nodes.append(helper.make_node("MatMul", [f"h{i}", f"W{i}"], [f"h{i + 1}"]))
-    graph = helper.make_graph(
-        nodes,
-        "chain",
-        [helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["b", DIM])],
-        [helper.make_tensor_value_info(f"h{layers}", TensorProto.FLOAT, ["b", DIM])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save_model(model, str(folder / "m.onnx"))
-    return folder / "m.onnx"
+    return chain_model(folder, layers, DIM, spread=True)
 
 
 def _small_model(dtype=np.float32) -> onnx.ModelProto:
