@@ -82,6 +82,7 @@ from .int4 import (
     _load,
     _put_nibble,
     _store,
+    _work_item,
 )
 
 MODE_FP4 = 0
@@ -848,9 +849,8 @@ def block_amax(x, scales, bs, chunk):
     nchunks = (nb + chunk - 1) // chunk
     part = np.zeros(rows * nchunks, np.int32)
     for item in prange(rows * nchunks):
-        r = item // nchunks
-        b0 = (item - r * nchunks) * chunk
-        part[item] = _row_amax(x[r], scales[r], b0, min(b0 + chunk, nb), bs, n)
+        r, b0, b1 = _work_item(item, nchunks, chunk, nb)
+        part[item] = _row_amax(x[r], scales[r], b0, b1, bs, n)
     m = np.int32(0)
     for i in range(part.shape[0]):
         m = max(m, part[i])
@@ -873,9 +873,7 @@ def quantize_e2m1(x, packed, scales, bs, chunk, mode, ts, have_amax):
     mx = MODE_MX_FLOOR <= mode <= MODE_MX_CEIL
     vec = bs % _W == 0
     for item in prange(rows * nchunks):
-        r = item // nchunks
-        b0 = (item - r * nchunks) * chunk
-        b1 = min(b0 + chunk, nb)
+        r, b0, b1 = _work_item(item, nchunks, chunk, nb)
         xr = x[r]
         pr = packed[r]
         sr = scales[r]
@@ -923,9 +921,7 @@ def dequantize_e2m1(packed, scales, out, bs, chunk, ts64, two_level):
     ts = np.float32(ts64)
     ts_exact = np.float64(ts) == ts64
     for item in prange(rows * nchunks):
-        r = item // nchunks
-        b0 = (item - r * nchunks) * chunk
-        b1 = min(b0 + chunk, nb)
+        r, b0, b1 = _work_item(item, nchunks, chunk, nb)
         pr = packed[r]
         orow = out[r]
         sr = scales[r]

@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .int4 import _bits, _from_bits
+from .int4 import _bits, _from_bits, _work_item
 from .search import _amax, _int4_candidates, _lo_hi, _pack_item, _uint4_candidates
 
 #: blocks solved side by side (SIMD lanes; LLVM vectorises the constant-trip lane loops at 32,
@@ -352,9 +352,7 @@ def pack_int4(x, packed, scales, zps, bs, chunk, signed):
     nb = scales.shape[1]
     nchunks = (nb + chunk - 1) // chunk
     for item in prange(rows * nchunks):
-        r = item // nchunks
-        b0 = (item - r * nchunks) * chunk
-        b1 = min(b0 + chunk, nb)
+        r, b0, b1 = _work_item(item, nchunks, chunk, nb)
         if signed:
             _pack_item(x[r], packed[r], scales[r], scales[r], b0, b1, bs, n, True)
         else:

@@ -427,6 +427,14 @@ def _pack2(typingctx, low, high):
 
 
 @njit(inline="always")
+def _work_item(item, nchunks, chunk, nb):
+    """Parallel work item -> (row, first block, end block): runs of `chunk` blocks per row."""
+    r = item // nchunks
+    b0 = (item - r * nchunks) * chunk
+    return r, b0, min(b0 + chunk, nb)
+
+
+@njit(inline="always")
 def _put_nibble(packed, p, c, low):
     """Code `c` of element p into `packed` (element 2i low nibble); returns the pending low."""
     if p % 2 == 0:

@@ -87,6 +87,7 @@ from .int4 import (
     _put_nibble,
     _store,
     _uint4_params,
+    _work_item,
 )
 
 
@@ -434,9 +435,7 @@ def quantize_int(x, packed, scales, zero_points, bs, chunk, fmt):
     nchunks = (nb + chunk - 1) // chunk
     total = rows * n
     for item in prange(rows * nchunks):
-        r = item // nchunks
-        b0 = (item - r * nchunks) * chunk
-        b1 = min(b0 + chunk, nb)
+        r, b0, b1 = _work_item(item, nchunks, chunk, nb)
         xr = x[r]
         pr = packed[r]
         sr = scales[r]
@@ -509,9 +508,7 @@ def dequantize_int(packed, scales, zero_points, out, bs, chunk, signed, stream):
     nb = scales.shape[1]
     nchunks = (nb + chunk - 1) // chunk
     for item in prange(rows * nchunks):
-        r = item // nchunks
-        b0 = (item - r * nchunks) * chunk
-        b1 = min(b0 + chunk, nb)
+        r, b0, b1 = _work_item(item, nchunks, chunk, nb)
         pr = packed[r]
         orow = out[r]
         sr = scales[r]

@@ -49,7 +49,7 @@ from .fp4 import (
     _vfunc,
     nibble_value_intrinsics,
 )
-from .int4 import _F32, _I32, _c32, _close_row, _load, _put_nibble, _store
+from .int4 import _F32, _I32, _c32, _close_row, _load, _put_nibble, _store, _work_item
 
 _ONE = np.float32(1.0)
 _ZERO_CODE = np.int32(7)
@@ -173,9 +173,7 @@ def quantize_nf4(x, packed, scales, bs, chunk, have_scales):
     nb = scales.shape[1]
     nchunks = (nb + chunk - 1) // chunk
     for item in prange(rows * nchunks):
-        r = item // nchunks
-        b0 = (item - r * nchunks) * chunk
-        b1 = min(b0 + chunk, nb)
+        r, b0, b1 = _work_item(item, nchunks, chunk, nb)
         xr = x[r]
         pr = packed[r]
         sr = scales[r]
@@ -216,9 +214,7 @@ def dequantize_nf4(packed, scales, out, bs, chunk):
     nb = scales.shape[1]
     nchunks = (nb + chunk - 1) // chunk
     for item in prange(rows * nchunks):
-        r = item // nchunks
-        b0 = (item - r * nchunks) * chunk
-        b1 = min(b0 + chunk, nb)
+        r, b0, b1 = _work_item(item, nchunks, chunk, nb)
         pr = packed[r]
         orow = out[r]
         sr = scales[r]

@@ -36,6 +36,7 @@ from .int4 import (
     _pack2,
     _prefetch_ahead,
     _put_nibble,
+    _work_item,
 )
 
 _ONE = np.float32(1.0)
@@ -323,9 +324,7 @@ def mse_kernel(x, packed, scales, zero_points, ratios, nr, dcw, gain, bs, chunk)
     total = rows * n
     nk = ratios.shape[0]
     for item in prange(rows * nchunks):
-        r = item // nchunks
-        b0 = (item - r * nchunks) * chunk
-        b1 = min(b0 + chunk, nb)
+        r, b0, b1 = _work_item(item, nchunks, chunk, nb)
         xr = x[r]
         sr = scales[r]
         sk = np.empty(nk, np.float32)
