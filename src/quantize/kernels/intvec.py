@@ -3,7 +3,7 @@ dequantize.
 
 Importing this module imports numba (`quantize.kernels` imports it only on first use). These
 kernels run whole blocks of a multiple of 16 elements through LLVM vector IR loops (`fp4`'s
-`_codes_blocks`, `_dequant_blocks`, `_amax_blocks`, and `_int_codes_blocks` here: one 16-lane
+`_codes_blocks`, `_dequant_blocks` and `_amax_blocks`: one 16-lane
 op where numba's own loops deinterleave the nibbles with 512-bit permutes and then work in
 8-lane halves); the scalar rules and helpers are `int4`'s, which `fp4` also builds on.
 
@@ -18,8 +18,8 @@ layout), in two passes, both vectorised:
    the item to the exact scalar rules.
 2. the codes, rint(q) clipped, from q = x / scale rounded once to float32, computed as a
    reciprocal multiply with one FMA correction, which equals the IEEE division wherever it
-   matters (`_int_codes_blocks` has the argument and its exhaustive check); the next item's
-   input is prefetched meanwhile, so that its memory reads overlap this pass's arithmetic.
+   matters (`fp4._codes_blocks`, kind "rcp", has the argument and its exhaustive check); the
+   next item's input is prefetched meanwhile, so its memory reads overlap this pass's work.
 
 int4_ort (ONNX Runtime's MatMulNBits rule, `formats.integer.OrtInt4`, bit for bit): the
 extreme e by int32 max-reductions over the float32 bits (`int4._range_keys`), scale = |e| / 8
@@ -54,19 +54,14 @@ from .fp4 import (
     _dequant_blocks,
     _div32,
     _fold,
-    _prefetch_ir,
     _ptr,
     _row_amax,
     _splat,
-    _target_has,
     _vfunc,
     _vload,
-    _vsplat,
-    _vstore_packed,
 )
 from .int4 import (
     _F32,
-    _I32,
     _ONE,
     _SEVEN,
     _c32,
@@ -159,100 +154,6 @@ def _int4_value_vec(builder, c):
 def _uint4_value_vec(builder, c, zp):
     """code - zero point, float32."""
     return builder.sitofp(builder.sub(c, _isplat(builder, zp)), _VF)
-
-
-#: scales in [2**-60, 2**60] take the reciprocal path of `_int_codes_blocks`: every intermediate
-#: of a quotient that can round to a different integer stays normal there (see its docstring)
-_RCP_MIN, _RCP_MAX = 2.0**-60, 2.0**60
-
-
-def _int_codes_blocks(encode, zero_points=False, store=_vstore_packed):
-    """An intrinsic (x_row, packed_row, scales_row, [zero_points_row,] b0, b1, bs, ahead) ->
-    None: the codes of the whole blocks b0..b1-1 of a row (bs % 16 == 0), 16 at a time, from
-    q = the float32 quotient x / s of each block's scale s, every line of the input prefetched
-    `ahead` elements further on.
-
-    q is not computed by a division (`vdivps` bound the kernel: 10 cycles per 16 elements) but
-    by the reciprocal with one correction: inv = 1 / s, y = x * inv, r = fma(-y, s, x) (the
-    residual), q = fma(r, inv, y), each rounded once to nearest. y is within 2 ulps of x / s, so
-    q = (x / s + e) rounded once with |e| <= 4.01 * 2**-48 * |x / s|: q is x / s rounded, or its
-    neighbour when x / s lies within e of a rounding boundary. rint(q) can then differ from
-    rint(x / s rounded) only if one of the two is a half-integer h, that is for x within 2 ulps
-    of s * h. Checked exhaustively (tests/test_kernels_intspeed.py has the script): for every
-    float32 mantissa of s, h = 0.5 .. 16.5 and x within 8 ulps of s * h (2.4e9 pairs), q equals
-    x / s rounded; a plain x * inv differs in rint for 1.6% of them. The operations scale
-    exactly with s while every intermediate is normal, which holds for s in [_RCP_MIN, _RCP_MAX]
-    and |x / s| >= 2**-8 (below that every path gives rint 0); other scales, and targets without
-    FMA, divide. int4 quotients stay within [-7.5, 7.5], uint4's within [-15.5, 15.5].
-    """
-    use_fma = _target_has("fma")
-
-    def codegen(context, builder, sig, args):
-        xty, pty, sty = sig.args[:3]
-        xa, pa, sa = args[:3]
-        if zero_points:
-            zty, za = sig.args[3], args[3]
-        b0v, b1v, bsv, aheadv = args[-4:]
-        intp = b0v.type
-        units = builder.udiv(bsv, intp(_W))
-        line = intp(max(1, 64 // context.get_abi_sizeof(context.get_data_type(xty.dtype))))
-        xdata = context.make_array(xty)(context, builder, xa).data
-        sdata = context.make_array(sty)(context, builder, sa).data
-        fma = _vfunc(builder, "llvm.fma.v16f32", _VF, [_VF, _VF, _VF])
-
-        def run(s0, scale, inv, zp):
-            sv = _vsplat(builder, scale)
-            iv = None if inv is None else _vsplat(builder, inv)
-            with cgutils.for_range(builder, units) as loop:
-                o = builder.add(s0, builder.mul(loop.index, intp(_W)))
-                v = _vload(context, builder, xty, xa, o)
-                if iv is None:
-                    q = builder.fdiv(v, sv)
-                else:
-                    y = builder.fmul(v, iv)
-                    r = builder.call(fma, [builder.fneg(y), sv, v])
-                    q = builder.call(fma, [r, iv, y])
-                c = encode(builder, q, False, *zp)
-                store(context, builder, pty, pa, builder.udiv(o, intp(2)), c)
-
-        with cgutils.for_range_slice(builder, b0v, b1v, intp(1), intp=intp) as (b, _):
-            s0 = builder.mul(b, bsv)
-            with cgutils.for_range_slice(builder, intp(0), bsv, line, intp=intp) as (j, _):
-                _prefetch_ir(builder, builder.gep(xdata, [builder.add(s0, builder.add(aheadv, j))]))
-            scale = builder.load(builder.gep(sdata, [b]))
-            zp = ()
-            if zero_points:
-                zdata = context.make_array(zty)(context, builder, za).data
-                zp = (builder.zext(builder.load(builder.gep(zdata, [b])), _I32),)
-            if not use_fma:
-                run(s0, scale, None, zp)
-            else:
-                ok = builder.and_(
-                    builder.fcmp_ordered(">=", scale, ir.Constant(_F32, _RCP_MIN)),
-                    builder.fcmp_ordered("<=", scale, ir.Constant(_F32, _RCP_MAX)),
-                )
-                with builder.if_else(ok, likely=True) as (then, otherwise):
-                    with then:
-                        run(s0, scale, builder.fdiv(ir.Constant(_F32, 1.0), scale), zp)
-                    with otherwise:
-                        run(s0, scale, None, zp)
-        return context.get_dummy_value()
-
-    tail = (types.intp, types.intp, types.intp, types.intp)
-
-    if zero_points:
-
-        @intrinsic
-        def int_codes_blocks_zp(typingctx, xr, pr, sr, zr, b0, b1, bs, ahead):
-            return types.void(xr, pr, sr, zr, *tail), codegen
-
-        return int_codes_blocks_zp
-
-    @intrinsic
-    def int_codes_blocks(typingctx, xr, pr, sr, b0, b1, bs, ahead):
-        return types.void(xr, pr, sr, *tail), codegen
-
-    return int_codes_blocks
 
 
 def _param_groups(rule):
@@ -386,8 +287,8 @@ _ort_param_groups = _param_groups(_ort_rule)
 #: the `fmt` argument of `quantize_int` (and how `quantize.kernels` picks the rule)
 INT4, UINT4, INT4_ORT = 0, 1, 2
 
-_int4_codes = _int_codes_blocks(_int4_code_raw_vec, store=_vstore_nibbles)
-_uint4_codes = _int_codes_blocks(_uint4_code_vec, zero_points=True)
+_int4_codes = _codes_blocks("rcp", _int4_code_raw_vec, store=_vstore_nibbles)
+_uint4_codes = _codes_blocks("rcp", _uint4_code_vec, zero_points=True)
 _ort_codes = _codes_blocks("inv", _ort_code_vec, zero_points=True)
 _int4_values = _dequant_blocks(_int4_value_vec)
 _uint4_values = _dequant_blocks(_uint4_value_vec, zero_points=True)
@@ -464,9 +365,9 @@ def quantize_int(x, packed, scales, zero_points, bs, chunk, fmt):
         # L1/L2 by now), prefetching the next item's input meanwhile
         ahead = (b1 - b0) * bs
         if fmt == INT4:
-            _int4_codes(xr, pr, sr, b0, fast_end, bs, ahead)
+            _int4_codes(xr, pr, sr, b0, fast_end, bs, _ONE, ahead)
         elif fmt == UINT4:
-            _uint4_codes(xr, pr, sr, zr, b0, fast_end, bs, ahead)
+            _uint4_codes(xr, pr, sr, zr, b0, fast_end, bs, _ONE, ahead)
         else:
             _ort_codes(xr, pr, sr, zr, b0, fast_end, bs, _ONE, ahead)
         # other block sizes and the padded last block: nibble by nibble (items start on a byte)
