@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _onnx_chain import chain_model  # the tests' model builder
 
 GB = 1e9
 CHILD = """
@@ -50,31 +51,11 @@ def generate(folder: Path, layers: int, dim: int) -> tuple[Path, int]:
     """Write the model and its data file one weight at a time; returns (model path, bytes)."""
     rng = np.random.default_rng(0)
     base = (rng.standard_normal((dim, dim), np.float32) / np.float32(dim**0.5)).view(np.uint32)
-    data_name = "model.onnx.data"
-    inits, nodes, offset = [], [], 0
-    with open(folder / data_name, "wb") as f:
-        for i in range(layers):
-            w = base ^ np.uint32(i + 1)  # low mantissa bits differ: no two weights equal
-            f.write(w.tobytes())
-            t = TensorProto(name=f"W{i}", data_type=TensorProto.FLOAT, dims=[dim, dim])
-            t.data_location = TensorProto.EXTERNAL
-            for k, v in (("location", data_name), ("offset", offset), ("length", w.nbytes)):
-                t.external_data.add(key=k, value=str(v))
-            offset += w.nbytes
-            inits.append(t)
-            nodes.append(helper.make_node("MatMul", [f"h{i}", f"W{i}"], [f"h{i + 1}"]))
-    graph = helper.make_graph(
-        nodes,
-        "chain",
-        [helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["batch", dim])],
-        [helper.make_tensor_value_info(f"h{layers}", TensorProto.FLOAT, ["batch", dim])],
-        inits,
+    # low mantissa bits differ: no two weights equal
+    path = chain_model(
+        folder, layers, dim, weight=lambda i: (base ^ np.uint32(i + 1)).view(np.float32)
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = folder / "model.onnx"
-    onnx.save_model(model, str(path))
-    return path, offset
+    return path, layers * dim * dim * 4
 
 
 def cat_time(files: list[Path]) -> float:
@@ -133,7 +114,7 @@ def main() -> None:
         print(f"model: {args.layers} x {args.dim}x{args.dim} float32 = {size / GB:.2f} GB "
               f"(largest tensor {args.dim**2 * 4 / 2**20:.0f} MiB), written in "
               f"{time.perf_counter() - t:.1f} s")  # fmt: skip
-        inputs = [src, src.with_name("model.onnx.data")]
+        inputs = [src, src.with_name("m.onnx.data")]
         cat_before = cat_time(inputs)
         mode = "eager" if args.eager else "lazy"
         fields, wall, polled = run_child(
@@ -147,8 +128,10 @@ def main() -> None:
         print(f"cat input > /dev/null: {cat_before:.1f} s before, {cat_after:.1f} s after; "
               f"ratio {took / min(cat_before, cat_after):.1f}x")  # fmt: skip
         mib = 2**20
-        print(f"peak RSS (VmHWM): {hwm / mib:.0f} MiB (child's own), {polled / mib:.0f} MiB "
-              f"(polled); input {size / mib:.0f} MiB, output {out_bytes / mib:.0f} MiB")
+        print(
+            f"peak RSS (VmHWM): {hwm / mib:.0f} MiB (child's own), {polled / mib:.0f} MiB "
+            f"(polled); input {size / mib:.0f} MiB, output {out_bytes / mib:.0f} MiB"
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -9,14 +10,23 @@ import onnx
 from onnx import TensorProto, helper
 
 
-def chain_model(folder: Path, layers: int, dim: int, spread: bool = False) -> Path:
+def chain_model(
+    folder: Path,
+    layers: int,
+    dim: int,
+    spread: bool = False,
+    weight: Callable[[int], np.ndarray] | None = None,
+) -> Path:
     """`layers` MatMuls of float32 (dim, dim) weights, seeded by `layers`; `spread`: layer i's
-    weights scaled by 1 + i % 3 (so the layers differ in sensitivity)."""
+    weights scaled by 1 + i % 3 (so the layers differ in sensitivity); `weight(i)`, if given,
+    makes layer i's weights instead. Written one weight at a time (generating holds one)."""
     rng = np.random.default_rng(layers)
     inits, nodes, offset = [], [], 0
     with open(folder / "m.onnx.data", "wb") as f:
         for i in range(layers):
-            if spread:
+            if weight is not None:
+                w = np.ascontiguousarray(weight(i), np.float32)
+            elif spread:
                 w = (rng.standard_normal((dim, dim)) * (1 + i % 3)).astype(np.float32)
             else:
                 w = rng.standard_normal((dim, dim), np.float32)
