@@ -8,7 +8,11 @@ saved, calibrated with forward hooks (each Linear's inputs, `NAME.inputs`), and 
 1. the AWQ scales (`quantize.io.awq_fold.compute_fold`) folded into the float checkpoint,
    loaded into transformers: logits equal the float model's (float32 rounding);
 2. `quantize safetensors --method awq` and `--method rtn` (and awq+gptq), dequantized with
-   `quantize.load` and loaded into transformers: awq's logits are closer to the float ones.
+   `quantize.load` and loaded into transformers: awq's logits are closer to the float ones;
+   also awq and awq+gptq without the clipping search (`awq_fold.CLIP = False`, in process),
+   to show what it adds;
+3. `--method awq --target-bits B` (B: the uniform run's bits per weight + --extra-bits): the
+   file loads, its bits per weight are <= B, and its logit error is compared with uniform awq.
 
     python scripts/check_awq_llama.py [--format int4] [--block-size 32] [--kv-heads 4]
 """
@@ -30,6 +34,7 @@ def main() -> int:
     ap.add_argument("--format", default="int4")
     ap.add_argument("--block-size", default="32")
     ap.add_argument("--kv-heads", type=int, default=4, help="< 4: grouped-query attention")
+    ap.add_argument("--extra-bits", type=float, default=0.5, help="mixed: B = uniform + this")
     args = ap.parse_args()
 
     import torch
@@ -37,7 +42,9 @@ def main() -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import quantize
+    from quantize.io import awq_fold
     from quantize.io.awq_fold import compute_fold
+    from quantize.io.safetensors import quantize_safetensors
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -96,8 +103,30 @@ def main() -> int:
         print(f"  folded float model vs float model: relative squared logit error {e:.2e}")
         ok = e < 1e-9
 
-        # 2. quantized: awq vs rtn
-        errs = {}
+        def state_of(out: Path) -> dict:
+            return {
+                n: torch.from_numpy(
+                    np.ascontiguousarray(
+                        v.dequantize(np.float32) if isinstance(v, quantize.QuantizedTensor) else v
+                    )
+                )
+                for n, v in quantize.load(out).items()
+            }
+
+        def show(label: str, rows: list[dict], err: float) -> None:
+            q = [r for r in rows if r["quantized"]]
+            size = sum(np.prod(r["shape"]) for r in q)
+            bits = sum(r["bits_per_weight"] * np.prod(r["shape"]) for r in q) / size
+            calib_err = sum(r["output_error"] for r in q) / len(q)
+            calib_rtn = sum(r["output_error_rtn"] for r in q) / len(q)
+            print(
+                f"{label:>17}: held-out relative squared logit error {err:.4g}; mean per-layer "
+                f"calibration output error {calib_err:.4g} (rtn {calib_rtn:.4g}); "
+                f"{bits:.3f} bits/weight"
+            )
+
+        # 2. quantized: awq vs rtn, through the command
+        errs, bits = {}, {}
         for method in ("rtn", "awq", "awq+gptq"):
             out = tmp / method.replace("+", "_")
             cmd = [
@@ -106,25 +135,38 @@ def main() -> int:
                 "--method", method, "--calib", str(calib),
             ]  # fmt: skip
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-            loaded = quantize.load(out)
-            state = {
-                n: torch.from_numpy(
-                    np.ascontiguousarray(
-                        v.dequantize(np.float32) if isinstance(v, quantize.QuantizedTensor) else v
-                    )
-                )
-                for n, v in loaded.items()
-            }
-            errs[method] = rel(logits(state))
+            errs[method] = rel(logits(state_of(out)))
             report = json.loads((tmp / f"{out.name}.report.json").read_text())
-            q = [r for r in report["tensors"] if r["quantized"]]
-            calib_err = sum(r["output_error"] for r in q) / len(q)
-            calib_rtn = sum(r["output_error_rtn"] for r in q) / len(q)
-            print(
-                f"{method:>9}: held-out relative squared logit error {errs[method]:.4g}; "
-                f"mean per-layer calibration output error {calib_err:.4g} (rtn {calib_rtn:.4g})"
-            )
+            bits[method] = report["totals"]["bits_per_weight"]
+            show(method, report["tensors"], errs[method])
+        # without the clipping search (the scales-only fold), in process
+        awq_fold.CLIP = False
+        try:
+            for method in ("awq", "awq+gptq"):
+                out = tmp / ("noclip_" + method.replace("+", "_"))
+                rows = quantize_safetensors(
+                    src, out, format=args.format, block_size=int(args.block_size),
+                    method=method, calib=calib,
+                )  # fmt: skip
+                errs[method + " no clip"] = rel(logits(state_of(out)))
+                show(method + " no clip", rows, errs[method + " no clip"])
+        finally:
+            awq_fold.CLIP = True
         ok = ok and errs["awq"] < errs["rtn"]
+
+        # 3. mixed precision on the folded weights
+        target = bits["awq"] + args.extra_bits
+        out = tmp / "awq_mixed"
+        rows = quantize_safetensors(
+            src, out, format=args.format, block_size=int(args.block_size), method="awq",
+            calib=calib, target_bits=target,
+        )  # fmt: skip
+        err = rel(logits(state_of(out)))
+        got = quantize.report.summarize(rows)["bits_per_weight"]
+        choices = sorted({r["choice"] for r in rows if r["quantized"]})
+        show(f"awq, B={target:g}", rows, err)
+        print(f"  mixed: {got:.4f} bits/weight <= {target:g}; options used {choices}")
+        ok = ok and got <= target and err <= errs["awq"]
         print("OK" if ok else "FAILED")
         return 0 if ok else 1
 

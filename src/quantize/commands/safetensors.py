@@ -49,10 +49,13 @@ torch and transformers (not needed by quantize):
 needs --calib with NAME.inputs samples and a Llama-style model (config.json's model_type
 llama, mistral, qwen2 or qwen3 next to IN): each group's scales are folded into the norm or
 Linear layer before it (input_layernorm, v_proj, post_attention_layernorm, up_proj), which
-stay float; other models are refused.
+stay float; then each folded weight gets AWQ's clipping search (per block the range with the
+least calibration output error, kept only where it lowers the weight's); other models are
+refused.
 --target-bits B picks per weight the format at the block size, at block 32, or int8/uint8,
 keeping the stored bits (codes + scales + zero points) per quantized weight <= B with the
-least error (output error with --calib, else relative squared error).
+least error (output error with --calib, else relative squared error); with --method awq the
+options are of the AWQ-folded weights.
 """
 
 
@@ -148,8 +151,9 @@ def add_parser(sub) -> None:
         help="how block scales are chosen: rtn (the format's rule), mse (clipping search, "
         "least squared error per block), hqq (half-quadratic optimisation), gptq (needs "
         "--calib: rounding errors pushed onto the inputs not yet done), awq (needs --calib "
-        "inputs and a Llama-style model: scales folded into the norms and v_proj/up_proj), "
-        "awq+gptq (gptq on awq's scaled weights) (default: rtn)",
+        "inputs and a Llama-style model: scales folded into the norms and v_proj/up_proj, "
+        "then a clipping search per weight), awq+gptq (gptq on awq's scaled weights, or the "
+        "clipped awq result where its calibration error is lower) (default: rtn)",
     )
     p.add_argument(
         "--calib",

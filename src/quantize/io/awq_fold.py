@@ -34,10 +34,25 @@ float model's inputs, as AutoAWQ does; a weight that is both scaled and a prev o
 up_proj) is quantized with both folds applied. Folded tensors keep their dtype (AutoAWQ folds
 in the model's dtype too): kept tensors such as the norms are written as float, changed only
 by the fold.
+
+Clipping (AWQ's second step, `awq.py`'s `clip=True`): once the scales are folded, each weight
+with calibration data (X^T X, from NAME.inputs or NAME.hessian) is quantized by awq.py's
+activation-aware clipping search, run on the folded weight against the Hessian of its folded
+inputs (`clip_search`): per block, the range ratio with the least share of the calibration
+output error, the clipped weight kept only if its whole output error (measured on the float
+model's outputs: rows divided by a later group's scales weighted back) is lower than without
+clipping. It runs per weight and per (format, block size), so mixed precision's options get
+their own. Under awq+gptq, GPTQ runs on the folded weight and the clipped AWQ result is kept
+instead where its calibration output error is lower (as the ONNX path keeps the best).
+
+Mixed precision (target_bits) quantizes each option of a weight this same way, on the folded
+weight, and scores it by the output error of the unfolded result against the float model's
+weight; the scales are the group's, searched once at the run's format and block size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -51,6 +66,7 @@ __all__ = [
     "Group",
     "build_fold",
     "check_model",
+    "clip_search",
     "compute_fold",
     "find_groups",
 ]
@@ -66,6 +82,9 @@ SUPPORTED_ARCHITECTURES = (
 )
 #: the methods of quantize_safetensors that fold AWQ scales
 AWQ_METHODS = ("awq", "awq+gptq")
+#: run awq.py's clipping search on each folded weight (module doc); False gives the scales-only
+#: fold, for comparisons (tests, scripts/check_awq_llama.py)
+CLIP = True
 
 _ADVICE = "use gptq, or the onnx command"
 _WHY = "awq needs the preceding operator of each weight to fold its scales into"
@@ -277,12 +296,37 @@ class AwqFold:
             parts.append(f"divided by the scales of {lab} (alpha {self.alphas[lab]:g})")
         return "awq: " + "; ".join(parts) if parts else None
 
-    def fields(self, name, w0, h0, qt, used, rtn) -> dict:
-        """A quantized weight's report fields: method, awq group/alpha, and (with H of the
-        float model's inputs) output errors of the unfolded result and of rtn (`rtn`: the
-        original weight w0 quantized by round to nearest, given with h0)."""
+    def quantize(
+        self, name: str, arr: np.ndarray, h: np.ndarray | None, run, fmt_name: str, block_size
+    ) -> tuple:
+        """(qt, method used, clipped): a folded weight (out, in) quantized as the run's method
+        says, then, given H of its folded inputs (`hessian`), by AWQ's clipping search (module
+        doc); clipped is the fraction of blocks clipped, None if the search did not decide."""
+        from .safetensors import _quantize_one
+
+        qt, used = _quantize_one(arr, run, fmt_name, block_size, h)
+        # NaN/Inf (nan="zero") are replaced inside quantize_tensor: nothing for a search
+        if h is None or not CLIP or not np.isfinite(np.asarray(arr, np.float32)).all():
+            return qt, used, None
+        _, r = self._col_div(name, arr.shape)
+        weights = r * r  # output j of the stored weight is the float model's / r_j
+        clipped, ratios = clip_search(
+            arr, h, fmt_name, block_size, clip_ratio=run.clip_ratio, row_weights=weights
+        )
+        if used == "gptq":  # awq+gptq: the clipped result where its output error is lower
+            err_clip = _weighted_error(arr, clipped, h, weights)
+            if not err_clip < _weighted_error(arr, qt, h, weights):
+                return qt, used, None
+            used = "rtn"
+        return clipped, used, float(np.mean(ratios < 1))
+
+    def fields(self, name, w0, h0, qt, used, rtn, clipped: float | None = None) -> dict:
+        """A quantized weight's report fields: method, awq group/alpha, the share of blocks
+        the clipping search clipped, and (with H of the float model's inputs) output errors
+        of the unfolded result and of rtn (`rtn`: the original weight w0 quantized by round
+        to nearest, given with h0)."""
         folded = self.touches(name)
-        if folded:
+        if folded or (clipped and used == "rtn"):
             used = "awq+gptq" if used == "gptq" else "awq"
         out: dict[str, object] = {"method": used}
         label = self._member.get(name)
@@ -291,6 +335,9 @@ class AwqFold:
         note = self.describe(name)
         if note is None:
             note = f"awq: in no group ({used})"
+        if clipped is not None:
+            out["awq_clipped"] = clipped
+            note += f"; clip search: {clipped:.0%} of blocks clipped"
         out["note"] = note
         if h0 is None:
             return out
@@ -338,13 +385,71 @@ def build_fold(opened, plan, run) -> AwqFold:
         for n in g.layers:
             opened.where[n].release(n)
         try:
-            res = awq_scan(w_kn, x, run.format, run.block_size, clip_ratio=run.clip_ratio)
+            # clip=False: the clipping search runs later, on each folded weight (module doc)
+            res = awq_scan(
+                w_kn, x, run.format, run.block_size, clip_ratio=run.clip_ratio, clip=False
+            )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{opened.where[g.layers[0]].path}: awq {g.label}: {exc}") from None
         fold.set_scales(g.label, res.scales, res.alpha)
         fold.gains[g.label] = (res.rtn_loss, res.loss)
         del w_kn, x
     return fold
+
+
+def clip_search(
+    weight: np.ndarray,
+    h: np.ndarray,
+    format: str = "int4",
+    block_size: int | str | None = "auto",
+    *,
+    method: str = "rtn",
+    clip_ratio: float = 1.0,
+    row_weights: np.ndarray | None = None,
+) -> tuple:
+    """(quantized, ratios): awq.py's clipping search on an (out, in) weight quantized along
+    `in` (its AWQ scales already folded in), scored on H (in, in) = X^T X of its inputs.
+
+    quantized is an (out, in) QuantizedTensor (axis 1), the unclipped result unless clipping
+    lowers the whole output error sum_j row_weights[j] * (D H D^T)_jj (row_weights: 1 each by
+    default); ratios (out, n_blocks) float32 are the blocks' range ratios, all 1 then.
+    """
+    # awq.py's own search with s = 1: the scales are already in the weight
+    from ..algorithms.awq import _clip_search, _diag_blocks
+    from ..core import compute_dtype, quantize_tensor
+    from ..formats import get_format
+
+    w = np.asarray(weight)
+    if w.ndim != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {w.shape}")
+    k, n = w.shape[1], w.shape[0]
+    hh = np.asarray(h, np.float64)
+    if hh.shape != (k, k):
+        raise ValueError(f"h must have shape ({k}, {k}), got {hh.shape}")
+    cw = np.ones(n) if row_weights is None else np.asarray(row_weights, np.float64)
+    if cw.shape != (n,):
+        raise ValueError(f"row_weights must have shape ({n},), got {cw.shape}")
+    fmt = get_format(format)
+    w_kn = w.T
+    w64 = w_kn.astype(compute_dtype(w.dtype)).astype(np.float64)
+    qt0 = quantize_tensor(w_kn, fmt, block_size, axis=0, clip_ratio=clip_ratio, method=method)
+
+    def losses_of(ds: list[np.ndarray]) -> list[float]:
+        return [float(np.sum((hh @ d) * d * cw)) for d in ds]
+
+    loss0 = losses_of([w64 - qt0.dequantize(np.float64)])[0]
+    hb = _diag_blocks(np.empty((0, k)), hh, qt0.block_size)  # rows unused when H is given
+    qt, ratios, _ = _clip_search(
+        w_kn, w64, np.ones(k, np.float32), qt0, fmt, clip_ratio, method, hb, loss0, losses_of
+    )
+    qt = dataclasses.replace(qt, shape=tuple(qt.shape[::-1]), axis=1 - qt.axis)
+    return qt, np.asarray(ratios, np.float32)
+
+
+def _weighted_error(w: np.ndarray, qt, h: np.ndarray, row_weights: np.ndarray) -> float:
+    """sum_j row_weights[j] * (D H D^T)_jj of an (out, in) weight and its quantized qt."""
+    d = np.asarray(w, np.float64) - qt.dequantize(np.float64)
+    return float(np.sum((d @ h) * d * row_weights[:, None]))
 
 
 def compute_fold(

@@ -508,7 +508,8 @@ def quantize_safetensors(
     data-free methods of `quantize.algorithms`), or "gptq" (needs calib; weights without
     calibration data get rtn, noted in their row), "awq" / "awq+gptq" (need calib's
     NAME.inputs and a Llama-style model named by config.json: scales folded into the norms
-    and v_proj/up_proj, `io/awq_fold.py`; rows say each group's alpha). nan: "raise" (a
+    and v_proj/up_proj, then AWQ's clipping search on each folded weight, `io/awq_fold.py`;
+    rows say each group's alpha and the share of blocks clipped). nan: "raise" (a
     NaN/Inf is an error naming the tensor) or "zero" (as `quantize_tensor`'s nan=).
     calib: an .npz path or a dict of arrays: per 2-d weight NAME (out, in), `NAME.hessian`
     (in, in) = X^T X of the layer's inputs, or `NAME.inputs` (rows, in) samples of them
@@ -517,6 +518,8 @@ def quantize_safetensors(
     (format, block_size), (format, 32 or 16), (8-bit, block_size), chosen to least summed
     error (output error where calib has the weight, else relative squared error) with stored
     bits (codes, scales, zero points) per quantized weight <= target_bits; layout "quantize".
+    With awq / awq+gptq the options are of the folded weights (the group's scales, searched
+    at format and block_size), scored by the unfolded result's error.
 
     The output appears whole or not at all (written to a temporary file/folder beside it,
     renamed at the end); an existing output is replaced only with `overwrite`; inputs are
@@ -548,8 +551,6 @@ def quantize_safetensors(
     if method in AWQ_METHODS:
         # the architecture names the operators that take the scales (io/awq_fold.py)
         check_model(resolve(src), method)
-        if target_bits is not None:
-            raise ValueError(f"method {method!r} does not combine with target_bits (yet)")
     if method in ("gptq", *AWQ_METHODS):
         if calib is None:
             raise ValueError(
@@ -847,17 +848,21 @@ def _convert_file(
             start = time.perf_counter()
             h = h0 = None if run.calib is None else run.calib.hessian(name)
             fmt_name, bs = (run.format, run.block_size) if p.choice is None else p.choice[1:]
+            clipped = None
             if run.awq is not None:  # quantize the folded weight; errors against the original
                 arr, h = run.awq.fold(name, arr0), run.awq.hessian(name, h0)
             try:
-                qt, used = _quantize_one(arr, run, fmt_name, bs, h)
+                if run.awq is None:
+                    qt, used = _quantize_one(arr, run, fmt_name, bs, h)
+                else:  # with AWQ's clipping search (io/awq_fold.py)
+                    qt, used, clipped = run.awq.quantize(name, arr, h, run, fmt_name, bs)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{f.path}: tensor {name!r}: {exc}") from None
             if run.awq is None:
                 extras = _calib_fields(arr, qt, used, run, fmt_name, bs, h)
             else:
                 rtn = None if h0 is None else _quantize_one(arr0, run, fmt_name, bs, None)[0]
-                extras = run.awq.fields(name, arr0, h0, qt, used, rtn)
+                extras = run.awq.fields(name, arr0, h0, qt, used, rtn, clipped)
             if p.choice is not None:
                 extras["choice"] = p.choice[0]
             if run.layout == "quantize":
@@ -1204,7 +1209,9 @@ def _stored_bytes(qt: QuantizedTensor) -> int:
 def _plan_bits(opened: _Opened, plan: dict[str, _Plan], run: _Run, target: float) -> None:
     """target_bits' first pass: every option of every weight quantized, its stored bits and
     error noted and the tensor dropped (one tensor held at a time); `plan_mixed` then sets
-    each weight's `choice`, which the writing pass quantizes again (deterministically)."""
+    each weight's `choice`, which the writing pass quantizes again (deterministically). Under
+    AWQ each option is of the folded weight, as the writing pass makes it, and its error that
+    of the unfolded result against the float model's weight."""
     from ..algorithms.mixed import LayerChoice, plan_mixed
 
     layers = []
@@ -1215,24 +1222,33 @@ def _plan_bits(opened: _Opened, plan: dict[str, _Plan], run: _Run, target: float
         f = opened.where[name]
         arr = f.array(name)
         h = None if run.calib is None else run.calib.hessian(name)
+        if run.awq is not None:
+            arr_f, h_f = run.awq.fold(name, arr), run.awq.hessian(name, h)
         opts = []
         options[name] = {}
         for i, (label, fmt_name, bs) in enumerate(
             _bit_options(run.format, run.block_size, arr.shape[-1])
         ):
             try:
-                qt, _ = _quantize_one(arr, run, fmt_name, bs, h)
+                if run.awq is None:
+                    qt, _ = _quantize_one(arr, run, fmt_name, bs, h)
+                else:
+                    qt = run.awq.quantize(name, arr_f, h_f, run, fmt_name, bs)[0]
             except (TypeError, ValueError) as exc:
                 if i == 0:  # the format itself fails: as without target_bits
                     raise ValueError(f"{f.path}: tensor {name!r}: {exc}") from None
                 continue  # e.g. mxfp4 has no block 16
             recon = qt.dequantize(np.float64)
+            if run.awq is not None:
+                recon = run.awq.unfold(name, recon)
             err = _h_error(_as_float64(arr, recon), recon, h)
             opts.append((label, 8 * _stored_bytes(qt) / arr.size, err))
             options[name][label] = (label, fmt_name, bs)
             del qt, recon
         layers.append(LayerChoice(name, int(arr.size), opts))
         del arr
+        if run.awq is not None:
+            del arr_f, h_f
         f.release(name)
     if not layers:
         return
