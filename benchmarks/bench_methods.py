@@ -4,8 +4,9 @@ Run by hand: python benchmarks/bench_methods.py [--quick] [--no-hqq]
 Part 1, time: quantize_tensor on 4096x4096 float32 (seeded normal) at block 32 and 128,
 kernels on and off, best of 3 after a warm-up call (which compiles or loads the kernels);
 the ratio is each method's time over rtn's on the same path.
-Part 1b, hqq (unless --no-hqq): int4 and uint4 at block 128, in one run: rtn (kernel), hqq's
-compiled path (best of 3) and its NumPy reference (QUANTIZE_KERNELS=0, one call: ~30 s each),
+Part 1b, hqq (unless --no-hqq): int4, uint4, int4_affine and uint4_float_zp at block 128, in one
+run: rtn (kernel where there is one), hqq's compiled path (best of 3) and its NumPy reference
+(QUANTIZE_KERNELS=0, one call: ~30 s each, 60+ s for the float zero point formats),
 with the ratios to rtn (wall, and process CPU time for the compiled path: less noisy on a
 shared machine) and whether both hqq paths gave the same bytes.
 Part 2, accuracy: SQNR (dB) of each method and its gain over rtn for int4, uint4 and nf4 at
@@ -67,7 +68,7 @@ def cpu_best(fn, runs: int = 3) -> float:
 
 
 def hqq_timing(x: np.ndarray, formats: list[str], bs: int = 128) -> None:
-    print(f"\n{'format':7s} {'block':>5s} {'rtn s':>8s} {'hqq kernel s':>13s} {'hqq numpy s':>12s}"
+    print(f"\n{'format':14s} {'block':>5s} {'rtn s':>8s} {'hqq kernel s':>13s} {'hqq numpy s':>12s}"
           f" {'kernel/rtn':>10s} {'numpy/rtn':>10s} {'numpy/kernel':>12s} {'cpu k/rtn':>9s}"
           " same")  # fmt: skip
     for fmt in formats:
@@ -90,7 +91,7 @@ def hqq_timing(x: np.ndarray, formats: list[str], bs: int = 128) -> None:
             and (k.zero_points is None or np.array_equal(k.zero_points, r.zero_points))
         )
         print(
-            f"{fmt:7s} {bs:5d} {t_rtn:8.3f} {t_k:13.3f} {t_n:12.1f} {t_k / t_rtn:10.1f}"
+            f"{fmt:14s} {bs:5d} {t_rtn:8.3f} {t_k:13.3f} {t_n:12.1f} {t_k / t_rtn:10.1f}"
             f" {t_n / t_rtn:10.0f} {t_n / t_k:12.0f} {c_k / c_rtn:9.1f} {same}"
         )
 
@@ -126,7 +127,7 @@ def main() -> None:
     x = np.random.default_rng(0).standard_normal((4096, 4096)).astype(np.float32)
     timing(x, ["int4", "uint4"], ["rtn", "mse"])
     if not args.no_hqq:
-        hqq_timing(x, ["int4", "uint4"])
+        hqq_timing(x, ["int4", "uint4", "int4_affine", "uint4_float_zp"])
     accuracy((1024, 4096) if args.quick else (4096, 4096), methods)
 
 

@@ -1,8 +1,9 @@
 """The compiled HQQ solver (`quantize.kernels.hqq`) equals the NumPy reference bit for bit.
 
-`HalfQuadratic._solve_compiled` (the numba solver, int4/uint4/int8/uint8) against
-`HalfQuadratic.choose_params` on the NumPy path, and the fused `quantize_rows` (int4, uint4)
-against `quantize_tensor`'s NumPy path: scales and zero points byte for byte, packed codes too.
+`HalfQuadratic._solve_compiled` (the numba solver, int4/uint4/int8/uint8 and the float zero
+point formats int4_affine/uint4_float_zp) against `HalfQuadratic.choose_params` on the NumPy
+path, and the fused `quantize_rows` (int4, uint4) and `quantize_tensor` with the solver against
+`quantize_tensor`'s NumPy path: scales and zero points byte for byte, packed codes too.
 Arrays are small (the kernels compile once; numba's on-disk cache makes later runs fast).
 """
 
@@ -24,7 +25,8 @@ from quantize.blocking import n_blocks, to_blocks
 from quantize.formats import get_format
 from quantize.kernels import hqq as K
 
-SOLVER = ["int4", "uint4", "int8", "uint8"]
+SOLVER = ["int4", "uint4", "int8", "uint8", "int4_affine", "uint4_float_zp"]
+FLOAT_ZP = ["int4_affine", "uint4_float_zp"]
 BF16 = np.dtype(ml_dtypes.bfloat16)
 KINDS = ["normal", "student-t", "zeros", "constant", "single", "sparse", "tiny", "huge"]
 
@@ -168,7 +170,7 @@ def test_half_input(fmt, dtype):
     assert _same(got[0], want.data) and _same(got[1], want.scales)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "uint4", "int8"])
+@pytest.mark.parametrize("fmt", ["int4", "uint4", "int8", *FLOAT_ZP])
 def test_dispatch_threads(fmt, monkeypatch):
     x = _data("student-t", 11, 256, 1024)  # 2^18 elements: the kernel's threshold
     f = get_format(fmt)
@@ -185,12 +187,37 @@ def test_dispatch_threads(fmt, monkeypatch):
     one = HQQ._solve_compiled(f, blocks, s, z, None, num_threads=1)
     two = HQQ._solve_compiled(f, blocks, s, z, None, num_threads=2)
     assert _same(one[0], two[0]) and _same(one[1], two[1])
-    if fmt != "int8":
+    if fmt in HQQ.kernel_formats:
         a, b = (
             HQQ.quantize_rows(fmt, x[:64], 64, num_threads=1),
             HQQ.quantize_rows(fmt, x[:64], 64, num_threads=2),
         )
         assert all(_same(u, v) for u, v in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BF16])
+@pytest.mark.parametrize("fmt", FLOAT_ZP)
+def test_float_zero_point_half_input_and_padding(fmt, dtype, monkeypatch):
+    """quantize_tensor through the solver (threshold lowered) equals the NumPy path for
+    float16/bfloat16 input, with a padded last block whose padding (the row's last value)
+    differs from 0; the solver moves the float zero points off round to nearest's."""
+    monkeypatch.setattr(kernels, "MIN_KERNEL_ELEMENTS", 1)
+    x = _data("student-t", 5, 7, 300).astype(dtype)
+    x[:, -1] = np.array([3.0, -3.0, 0.0, 40.0, -40.0, 1e-3, 7.5], np.float32).astype(dtype)
+    f = get_format(fmt)
+    assert solver_applies(f, to_blocks(x.astype(np.float32), 64, -1))
+    on = quantize_tensor(x, fmt, 64, method="hqq")
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    off = quantize_tensor(x, fmt, 64, method="hqq")
+    monkeypatch.delenv(kernels.ENV_SWITCH)
+    assert _same(on.data, off.data) and _same(on.scales, off.scales)
+    assert _same(on.zero_points, off.zero_points)
+    rtn = quantize_tensor(x, fmt, 64)
+    moved = on.zero_points != rtn.zero_points
+    assert moved.mean() > 0.5 and np.any(on.zero_points[moved] % 1 != 0)
+    x32 = x.astype(np.float32)
+    err = ((on.dequantize(np.float64) - x32) ** 2).sum()
+    assert err < ((rtn.dequantize(np.float64) - x32) ** 2).sum()
 
 
 def test_quantize_rows_bad_input():

@@ -28,16 +28,16 @@ params included, so no block ends worse than `method="rtn"` in squared error; an
 replaces the best only if it is lower by more than float32 decoding's rounding could make it
 (`_band`), so the stored tensor, dequantized in float64, is not worse either.
 
-Arithmetic, fixed so that the compiled twin (`quantize.kernels.hqq`: int4, uint4, int8, uint8
-from float32 blocks) gives the same result bit for bit: every per-block sum runs in order of the
-elements (`mse.block_sse`); the lp step (r, |r|^p, the shrunk targets) is float32 and |r|^p is
-`lp_power`, a polynomial in float32 arithmetic and exact bit operations (relative error < 1e-6
-near 1), not libm's or NumPy's pow, whose last ulp differs between NumPy (SVML on AVX-512) and
-LLVM; |r|^(p-1) / beta is |r|^p / (|r| beta). Sums are float64 over products of two float32
-values (exact), and the zero point's least squares use the moments of the codes (exact: they
-are small integers). The kernel runs for those formats from float32 blocks of at least
-`kernels.MIN_KERNEL_ELEMENTS` elements (not with QUANTIZE_KERNELS=0); `quantize_rows` is the
-fused path (int4, uint4) that the core takes.
+Arithmetic, fixed so that the compiled twin (`quantize.kernels.hqq`: int4, uint4, int8, uint8,
+int4_affine, uint4_float_zp from float32 blocks) gives the same result bit for bit: every
+per-block sum runs in order of the elements (`mse.block_sse`); the lp step (r, |r|^p, the
+shrunk targets) is float32 and |r|^p is `lp_power`, a polynomial in float32 arithmetic and
+exact bit operations (relative error < 1e-6 near 1), not libm's or NumPy's pow, whose last ulp
+differs between NumPy (SVML on AVX-512) and LLVM; |r|^(p-1) / beta is |r|^p / (|r| beta). Sums
+are float64 over products of two float32 values (exact), and the zero point's least squares use
+the moments of the codes (exact: they are small integers). The kernel runs for those formats
+from float32 blocks of at least `kernels.MIN_KERNEL_ELEMENTS` elements (not with
+QUANTIZE_KERNELS=0); `quantize_rows` is the fused path (int4, uint4) that the core takes.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from .mse import block_sse
 
 _CHUNK_ELEMENTS = 1 << 19
 #: formats with a compiled solver (`kernels.hqq.hqq_solve`), from float32 blocks
-SOLVER_FORMATS = ("int4", "uint4", "int8", "uint8")
+SOLVER_FORMATS = ("int4", "uint4", "int8", "uint8", "int4_affine", "uint4_float_zp")
 # lp_power (float32): arguments outside [_TINY, _HUGE] give 0 / inf, so 2^k stays normal
 _F = np.float32
 _TINY = _F(2.0**-100)
@@ -205,8 +205,8 @@ class HalfQuadratic:
         per_item = _blocks_per_item(s.size)
         with kernels._launch(num_threads):
             khqq.hqq_solve(
-                x, n, bs, s, z, zp is not None, fmt.code_min, fmt.code_max,
-                *self._kernel_args(), per_item,
+                x, n, bs, s, z, zp is not None, fmt.zero_point == "float", fmt.code_min,
+                fmt.code_max, *self._kernel_args(), per_item,
             )  # fmt: skip
         zout = None if zp is None else z.astype(zp.dtype).reshape(*lead, nb)
         return s.reshape(*lead, nb), zout
@@ -259,7 +259,7 @@ class HalfQuadratic:
                 khqq.rtn_int4(x, bs, s, z, ratios, signed)
                 if self.iterations:
                     khqq.hqq_solve(
-                        x, n, bs, s, z, not signed, fmt.code_min, fmt.code_max,
+                        x, n, bs, s, z, not signed, False, fmt.code_min, fmt.code_max,
                         *self._kernel_args(), _blocks_per_item(s.size),
                     )  # fmt: skip
                 zu = z.astype(np.uint8)

@@ -1,5 +1,6 @@
-"""Numba kernel for HQQ (`quantize.algorithms.hqq`) on the integer formats with an integer or
-no zero point: int4, uint4, int8, uint8; plus the fused quantize+pack path for int4 and uint4.
+"""Numba kernel for HQQ (`quantize.algorithms.hqq`) on the integer formats: int4, int8 (no zero
+point), uint4, uint8 (integer zero point), int4_affine, uint4_float_zp (float zero point); plus
+the fused quantize+pack path for int4 and uint4.
 
 Importing this module imports numba; `algorithms.hqq` imports it on first use only. The kernel
 is `HalfQuadratic._solve` step for step, bit for bit:
@@ -10,6 +11,9 @@ is `HalfQuadratic._solve` step for step, bit for bit:
   +, -, *, / and exact bit operations, written out the same way here (a libm or SVML pow would
   differ in the last ulp between NumPy and LLVM); |r|^(p-1) / beta is |r|^p / (|r| beta);
 * the zero point's least squares from the codes' moments, the same expressions;
+* float zero points (`fzp`): codes rint(x / s + z) (not rint(x / s) + z: with a fractional z
+  the sum rounds differently), no rounding of the new zero point, and the padding of a row's
+  last block as the reference has it (the row's last value, weighted 0 in every sum);
 * no fast-math, and `error_model="numpy"` (no ZeroDivisionError checks, 0/0 is NaN as in
   NumPy).
 
@@ -22,7 +26,9 @@ block, so no lane idles while another block iterates. What a block gets depends 
 own data, so the result does not depend on the thread count or on which lane ran it.
 
 Cost (4096x4096 float32, block 128, shared 2-core machine): about 25x round to nearest's
-kernel and 60x faster than the NumPy reference (benchmarks/bench_methods.py). The helpers from
+kernel and 60x faster than the NumPy reference (benchmarks/bench_methods.py); int4_affine and
+uint4_float_zp, whose round to nearest runs in NumPy, about 4x theirs (0.75 s against the
+reference's 50 s). The helpers from
 `int4` and `search` are inlined here: numba's cache keys on this file only, so after editing
 them clear this module's `__pycache__` entries too.
 """
@@ -92,14 +98,18 @@ def _lp_elem(X32, C, j, k, z, ie, p, bet):
 
 
 @njit(inline="always", error_model="numpy")
-def _pass(X32, C, PW, TT, s, z, ie, err, eab, obj, A, B, Q, Q2, S, QT, p, bet, bs, zero, lo, hi):
+def _pass(
+    X32, W, C, PW, TT, s, z, ie, err, eab, obj, A, B, Q, Q2, S, QT, p, bet, bs, zero, fzp, lo, hi
+):
     """One pass over the lanes' blocks at their current params (s, z): the codes, then per
     lane, in order of the elements, in float64 with every term exact (a float64 difference
     squared, or a product of two float32 values):
 
     err = sum e^2 (`mse.squared_error`), eab = sum |e| (e = decoded - x), obj = sum |r|^p;
     with a zero point Q = sum q, Q2 = sum q q, S = sum t, QT = sum q t (q the codes); without
-    one A = sum t g, B = sum g g (g = the codes at unit scale).
+    one A = sum t g, B = sum g g (g = the codes at unit scale). A float zero point (fzp) rounds
+    x / s + z, and its sums weigh each term by W (1, 0 on padding) as the reference does (so a
+    non-finite padding term gives NaN there too); its errors are 0 on padding.
 
     Separate loops (codes and errors; the float32 lp map into PW, TT; its sums): LLVM
     vectorises each across the lanes, but not them fused."""
@@ -113,20 +123,42 @@ def _pass(X32, C, PW, TT, s, z, ie, err, eab, obj, A, B, Q, Q2, S, QT, p, bet, b
         Q2[k] = 0.0
         S[k] = 0.0
         QT[k] = 0.0
-    for j in range(bs):  # the format's encode and decode (z = 0 without a zero point)
-        for k in range(_L):
-            v = X32[j, k]
-            c = min(max(np.rint(v / s[k]) + z[k], lo), hi)
-            C[j, k] = c
-            d = np.float64((c - z[k]) * s[k]) - np.float64(v)
-            err[k] += d * d
-            eab[k] += abs(d)
+    if fzp:  # AffineIntFloatZero's encode and decode
+        for j in range(bs):
+            for k in range(_L):
+                v = X32[j, k]
+                c = min(max(np.rint(v / s[k] + z[k]), lo), hi)
+                C[j, k] = c
+                d = np.float64((c - z[k]) * s[k]) - np.float64(v)
+                d = d if W[j, k] > 0.0 else 0.0
+                err[k] += d * d
+                eab[k] += abs(d)
+    else:  # the format's encode and decode (z = 0 without a zero point)
+        for j in range(bs):
+            for k in range(_L):
+                v = X32[j, k]
+                c = min(max(np.rint(v / s[k]) + z[k], lo), hi)
+                C[j, k] = c
+                d = np.float64((c - z[k]) * s[k]) - np.float64(v)
+                err[k] += d * d
+                eab[k] += abs(d)
     for j in range(bs):
         for k in range(_L):
             pw, t = _lp_elem(X32, C, j, k, z, ie, p, bet)
             PW[j, k] = pw
             TT[j, k] = t
-    if zero:
+    if fzp:  # the reference's products, times the weight
+        for j in range(bs):
+            for k in range(_L):
+                t64 = np.float64(TT[j, k])
+                q = np.float64(C[j, k])
+                w = W[j, k]
+                obj[k] += np.float64(PW[j, k]) * w
+                Q[k] += q * w
+                Q2[k] += q * q * w
+                S[k] += t64 * w
+                QT[k] += q * t64 * w
+    elif zero:
         for j in range(bs):
             for k in range(_L):
                 t64 = np.float64(TT[j, k])
@@ -153,35 +185,40 @@ def _band(amax, err, err_abs, count):
 
 
 @njit(inline="always", error_model="numpy")
-def _load_lane(k, blk, x, n, bs, nb, scales, zps, zero, X32, s, z):
+def _load_lane(k, blk, x, n, bs, nb, scales, zps, zero, fzp, X32, W, s, z):
     """Block `blk` (C order over (rows, nb)) into lane k: its elements, then 0 past its end
-    (the padding of a row's last block), and round to nearest's params; returns its length
-    and its largest |x|.
+    (the padding of a row's last block; with a float zero point the row's last value, as
+    `blocking.to_blocks` pads, and weight 0 in W), and round to nearest's params; returns its
+    length and its largest |x|.
 
-    Zeros make the padding drop out with no weights: x = 0 has code z and decodes to exactly
-    0, so its error, residual, |r|^p and target are exact zeros, which leave the sums as the
-    reference's zero-weighted terms leave them; only the codes' own sums (sum q, sum q q) gain
-    z and z^2 per padded element, exact integers that the zero point step takes out again."""
+    Without a float zero point, zeros make the padding drop out with no weights: x = 0 has
+    code z and decodes to exactly 0, so its error, residual, |r|^p and target are exact zeros,
+    which leave the sums as the reference's zero-weighted terms leave them; only the codes' own
+    sums (sum q, sum q q) gain z and z^2 per padded element, exact integers that the zero point
+    step takes out again. (A float z is not a code: there x = 0 would leave r = rint(z) - z.)"""
     r = blk // nb
     b = blk - r * nb
     s0 = b * bs
     m = min(bs, n - s0)
     s[k] = scales[r, b]
     z[k] = zps[r, b] if zero else np.float32(0.0)
+    pad = x[r, n - 1] if fzp else np.float32(0.0)
     amax = 0.0
     for j in range(bs):
-        v = x[r, s0 + j] if j < m else np.float32(0.0)
+        v = x[r, s0 + j] if j < m else pad
         X32[j, k] = v
+        W[j, k] = 1.0 if j < m else 0.0
         amax = max(amax, abs(np.float64(v)))
     return np.float64(m), amax
 
 
 @njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def hqq_solve(x, n, bs, scales, zps, zero, cmin, cmax, iters, p, beta0, kappa, upd, per_item):
+def hqq_solve(x, n, bs, scales, zps, zero, fzp, cmin, cmax, iters, p, beta0, kappa, upd, per_item):
     """HQQ in place on round to nearest's params: scales (rows, nb) float32, zps (rows, nb)
-    float32 (integral; ignored unless `zero`) for the blocks of x (rows, >= n) float32, whose
-    first n columns are the row (the rest is not read). zero: the format has an integer zero
-    point in [cmin, cmax]; upd: HalfQuadratic.update_scale; per_item: blocks per work item.
+    float32 (ignored unless `zero`) for the blocks of x (rows, >= n) float32, whose first n
+    columns are the row (the rest is not read). zero: the format has a zero point, integer in
+    [cmin, cmax] or, with fzp, a float (`AffineIntFloatZero`: codes in [cmin, cmax]); upd:
+    HalfQuadratic.update_scale; per_item: blocks per work item.
 
     One pass per step and lane (`_pass`) at the lane's current params gives both the squared
     error of the params the previous step chose (the reference's best-so-far check, or round
@@ -200,6 +237,7 @@ def hqq_solve(x, n, bs, scales, zps, zero, cmin, cmax, iters, p, beta0, kappa, u
         b_hi = min(total, (item + 1) * per_item)
         nxt = item * per_item
         X32 = np.zeros((bs, _L), np.float32)
+        W = np.ones((bs, _L))
         C = np.zeros((bs, _L), np.float32)
         PW = np.zeros((bs, _L), np.float32)
         TT = np.zeros((bs, _L), np.float32)
@@ -229,7 +267,9 @@ def hqq_solve(x, n, bs, scales, zps, zero, cmin, cmax, iters, p, beta0, kappa, u
         live = 0
         for k in range(_L):
             if nxt < b_hi:
-                wsum[k], amx[k] = _load_lane(k, nxt, x, n, bs, nb, scales, zps, zero, X32, s, z)
+                wsum[k], amx[k] = _load_lane(
+                    k, nxt, x, n, bs, nb, scales, zps, zero, fzp, X32, W, s, z
+                )
                 lane_blk[k] = nxt
                 prev[k] = np.inf
                 bet[k] = beta0
@@ -241,8 +281,8 @@ def hqq_solve(x, n, bs, scales, zps, zero, cmin, cmax, iters, p, beta0, kappa, u
                 ie[k] = _ONE / s[k]
                 bet32[k] = np.float32(bet[k])
             _pass(
-                X32, C, PW, TT, s, z, ie, err, eab, obj, A, B, Q, Q2, S, QT, p32, bet32, bs, zero,
-                cminf, cmaxf,
+                X32, W, C, PW, TT, s, z, ie, err, eab, obj, A, B, Q, Q2, S, QT, p32, bet32, bs,
+                zero, fzp, cminf, cmaxf,
             )  # fmt: skip
             for k in range(_L):
                 if lane_blk[k] < 0:
@@ -267,10 +307,11 @@ def hqq_solve(x, n, bs, scales, zps, zero, cmin, cmax, iters, p, beta0, kappa, u
                     prev[k] = obj[k]
                     e64 = np.float64(s[k])
                     if zero:  # algorithms.hqq.HalfQuadratic._zero_step, from the moments
-                        # padding (x = 0) has code z, residual 0: it added z and z^2 to the
-                        # integer sums of q and q^2 (exactly; take them out), zeros elsewhere
+                        # integer zero point: padding (x = 0) has code z, residual 0: it added
+                        # z and z^2 to the integer sums of q and q^2 (exactly; take them out),
+                        # zeros elsewhere; a float zero point's sums weighed it 0 already
                         zk = np.float64(z[k])
-                        npad = np.float64(bs) - wsum[k]
+                        npad = 0.0 if fzp else np.float64(bs) - wsum[k]
                         sq, sq2 = Q[k] - npad * zk, Q2[k] - npad * (zk * zk)
                         st, sqt, wsk = S[k], QT[k], wsum[k]
                         mq = sq / wsk
@@ -282,9 +323,9 @@ def hqq_solve(x, n, bs, scales, zps, zero, cmin, cmax, iters, p, beta0, kappa, u
                             if not (var > 0.0 and np.isfinite(a) and a > 0.0):
                                 a = 1.0
                         znew = mq - mt / a
-                        if np.isfinite(znew):  # rint, clip (NaN stays NaN, as np.clip)
+                        if np.isfinite(znew) and not fzp:  # rint, clip (NaN stays, as np.clip)
                             znew = min(max(np.rint(znew), np.float64(cmin)), np.float64(cmax))
-                        if upd:
+                        if upd and not fzp:
                             a2 = (sqt - znew * st) / (sq2 - 2.0 * znew * sq + znew * znew * wsk)
                             a = a2 if (np.isfinite(a2) and a2 > 0.0) else 1.0
                         if np.isfinite(znew):
@@ -308,7 +349,9 @@ def hqq_solve(x, n, bs, scales, zps, zero, cmin, cmax, iters, p, beta0, kappa, u
                 if zero:
                     zps[r, blk - r * nb] = best_z[k]
                 if nxt < b_hi:
-                    wsum[k], amx[k] = _load_lane(k, nxt, x, n, bs, nb, scales, zps, zero, X32, s, z)
+                    wsum[k], amx[k] = _load_lane(
+                        k, nxt, x, n, bs, nb, scales, zps, zero, fzp, X32, W, s, z
+                    )
                     lane_blk[k] = nxt
                     prev[k] = np.inf
                     bet[k] = beta0
