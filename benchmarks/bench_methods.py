@@ -1,15 +1,18 @@
 """Cost and accuracy of the data-free methods ("mse", "hqq") against round to nearest ("rtn").
 
 Run by hand: python benchmarks/bench_methods.py [--quick] [--no-hqq]
-Part 1, time: quantize_tensor on 4096x4096 float32 (seeded normal) at block 32 and 128,
-kernels on and off, best of 3 after a warm-up call (which compiles or loads the kernels);
-the ratio is each method's time over rtn's on the same path.
+Part 1, time: quantize_tensor on 4096x4096 float32 (seeded normal) at block 32 and 128 for
+int4, uint4 and int4_ort, kernels on and off, best of 3 after a warm-up call (which compiles or
+loads the kernels; on the NumPy path mse is timed once, without one: several seconds a call);
+the ratio is each method's time over rtn's on the same path, and for the kernels also the
+ratio of process CPU times (best of 3; less noisy on a shared machine).
 Part 1b, hqq (unless --no-hqq): int4, uint4, int4_affine and uint4_float_zp at block 128, in one
 run: rtn (kernel where there is one), hqq's compiled path (best of 3) and its NumPy reference
 (QUANTIZE_KERNELS=0, one call: ~30 s each, 60+ s for the float zero point formats),
 with the ratios to rtn (wall, and process CPU time for the compiled path: less noisy on a
 shared machine) and whether both hqq paths gave the same bytes.
-Part 2, accuracy: SQNR (dB) of each method and its gain over rtn for int4, uint4 and nf4 at
+Part 2, accuracy: SQNR (dB) of each method and its gain over rtn for int4, uint4, int4_ort and
+nf4 at
 block 32 and 128, on gaussian and student-t(4) 4096x4096 weights. --quick uses 1024x4096.
 """
 
@@ -41,19 +44,28 @@ def sqnr(x: np.ndarray, y: np.ndarray) -> float:
 def timing(x: np.ndarray, formats: list[str], methods: list[str]) -> None:
     head = " ".join(f"{m + ' ms':>9s}" for m in methods)
     tail = " ".join(f"{m + '/rtn':>8s}" for m in methods[1:])
-    print(f"{'format':7s} {'block':>5s} {'path':8s} {head}   {tail}")
+    cpu = " ".join(f"{'cpu ' + m + '/rtn':>12s}" for m in methods[1:])
+    print(f"{'format':8s} {'block':>5s} {'path':8s} {head}   {tail}   {cpu}")
     for fmt in formats:
         for bs in (32, 128):
             for switch, path in (("1", "kernels"), ("0", "numpy")):
                 os.environ["QUANTIZE_KERNELS"] = switch
-                t = {}
+                t, c = {}, {}
                 for m in methods:
-                    runs = 3 if m != "hqq" else 1
-                    quantize_tensor(x, fmt, bs, method=m)  # warm-up / compile
-                    t[m] = best(lambda: quantize_tensor(x, fmt, bs, method=m), runs)  # noqa: B023
+                    run = lambda: quantize_tensor(x, fmt, bs, method=m)  # noqa: B023, E731
+                    if path == "numpy" and m != "rtn":  # seconds a call, nothing to compile
+                        t[m] = best(run, 1)
+                        continue
+                    run()  # warm-up / compile
+                    t[m] = best(run, 3 if m != "hqq" else 1)
+                    if path == "kernels":
+                        c[m] = cpu_best(run)
                 cells = " ".join(f"{t[m] * 1e3:9.1f}" for m in methods)
                 ratios = " ".join(f"{t[m] / t['rtn']:8.1f}" for m in methods[1:])
-                print(f"{fmt:7s} {bs:5d} {path:8s} {cells}   {ratios}")
+                cpus = " ".join(
+                    f"{c[m] / c['rtn']:12.1f}" if m in c else f"{'-':>12s}" for m in methods[1:]
+                )
+                print(f"{fmt:8s} {bs:5d} {path:8s} {cells}   {ratios}   {cpus}")
     os.environ["QUANTIZE_KERNELS"] = "1"
 
 
@@ -104,16 +116,16 @@ def accuracy(shape: tuple[int, int], methods: list[str]) -> None:
     }
     head = " ".join(f"{m + ' dB':>8s}" for m in methods)
     tail = " ".join(f"{m + ' gain':>9s}" for m in methods[1:])
-    print(f"\n{'data':13s} {'format':6s} {'block':>5s} {head}   {tail}")
+    print(f"\n{'data':13s} {'format':8s} {'block':>5s} {head}   {tail}")
     for name, x in data.items():
-        for fmt in ("int4", "uint4", "nf4"):
+        for fmt in ("int4", "uint4", "int4_ort", "nf4"):
             for bs in (32, 128):
                 q = {
                     m: sqnr(x, quantize_tensor(x, fmt, bs, method=m).dequantize()) for m in methods
                 }
                 cells = " ".join(f"{q[m]:8.2f}" for m in methods)
                 gains = " ".join(f"{q[m] - q['rtn']:+9.2f}" for m in methods[1:])
-                print(f"{name:13s} {fmt:6s} {bs:5d} {cells}   {gains}")
+                print(f"{name:13s} {fmt:8s} {bs:5d} {cells}   {gains}")
 
 
 def main() -> None:
@@ -125,7 +137,7 @@ def main() -> None:
     args = ap.parse_args()
     methods = ["rtn", "mse"] + ([] if args.no_hqq else ["hqq"])
     x = np.random.default_rng(0).standard_normal((4096, 4096)).astype(np.float32)
-    timing(x, ["int4", "uint4"], ["rtn", "mse"])
+    timing(x, ["int4", "uint4", "int4_ort"], ["rtn", "mse"])
     if not args.no_hqq:
         hqq_timing(x, ["int4", "uint4", "int4_affine", "uint4_float_zp"])
     accuracy((1024, 4096) if args.quick else (4096, 4096), methods)

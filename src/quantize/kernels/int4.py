@@ -481,8 +481,12 @@ def _ort_params(xb):
 
 def _ort_code_ir(builder, q, flip):
     """clamp(roundf(q + 8), 0, 15) ^ flip in i32 (roundf by floor and the exact fraction: ties
-    up, as `integer._round_half_up`)."""
+    up, as `integer._round_half_up`). q + 8 is clamped to [-1, 16] first: q can be far beyond
+    the int32 range (a tiny clip ratio's scale; even inf), where the conversion is undefined."""
     q = builder.fadd(q, ir.Constant(_F32, 8.0))
+    lo, hi = ir.Constant(_F32, -1.0), ir.Constant(_F32, 16.0)
+    q = builder.select(builder.fcmp_ordered("<", q, lo), lo, q)
+    q = builder.select(builder.fcmp_ordered(">", q, hi), hi, q)
     floor = builder.module.declare_intrinsic("llvm.floor", [_F32])
     t = builder.call(floor, [q])
     up = builder.fcmp_ordered(">=", builder.fsub(q, t), ir.Constant(_F32, 0.5))

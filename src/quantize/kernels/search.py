@@ -1,4 +1,5 @@
-"""Numba kernels for the MSE clipping search (`quantize.algorithms.mse`) on int4 and uint4.
+"""Numba kernels for the MSE clipping search (`quantize.algorithms.mse`) on int4, uint4 and
+int4_ort.
 
 Importing this module imports numba. Per block: the round-to-nearest range (amax, or min and
 max), then for each ratio of the grid the format's scale rule applied to the shrunk range
@@ -15,6 +16,19 @@ arrays of scales and sums that LLVM vectorises (a sum over the elements would no
 without reassociation; no fast-math here). One kernel serves both formats: numba compiles it
 apart for zero_points None (int4) and an array (uint4), and the format branches fold away.
 
+int4_ort (`mse_ort_kernel`, on the same helpers) scores 2 * nr candidates per block: ORT's
+orientation at each ratio, then the other one (`mse._flipped_candidates`), kept as ORT's signed
+scales (negative where the zero point is 7). Its grid is then int4's, -8..7 steps of the signed
+scale, so the ranking lanes are int4's; only the exact check (`_exact2`) and the codes use ORT's
+own rule (`_code_ort`: x * (1 / signed scale) + 8 rounded half up, its divide fallback). Twice
+int4's candidates, so the parts that int4 can leave to numba are written for speed here:
+the ranking pass in explicit 16-lane IR (`_make_scan_ir`: one AVX-512 op per 16 candidates where
+numba's own loop stays 8-lane), the candidates' divisions without numba's zero checks (`_fdiv`,
+so their loops vectorise), the argmin as integer reductions (`_first_least`), and the exact
+check skipped where its outcome is certain (`_ort_sure`: the approximate scores far enough
+apart and no element's code differing between the two roundings; measured on one thread,
+1024x4096 normal: 61 -> 56 ms at block 32, 50 -> 43 ms at block 128).
+
 Codes are clamped in float before the conversion to int, so a tiny clip_ratio (x / scale far
 beyond the int32 range) still gives NumPy's clipped code.
 """
@@ -22,13 +36,19 @@ beyond the int32 range) still gives NumPy's clipped code.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .int4 import (
+    _EIGHT,
     _TINY,
     _abs_key,
     _bits,
     _close_row,
+    _code_ort,
+    _code_ort_div,
     _cover,
     _from_bits,
     _load,
@@ -36,6 +56,7 @@ from .int4 import (
     _pack2,
     _prefetch_ahead,
     _put_nibble,
+    _recip,
     _work_item,
 )
 
@@ -45,6 +66,27 @@ _SEVEN = np.float32(7.0)
 _FIFTEEN = np.float32(15.0)
 #: candidates scored per pass over a block (the vectorised inner loop's constant trip count)
 _LANES = 24
+#: int4_ort's candidates per pass (`_scan_ir`: three 16-lane vectors)
+_ORT_LANES = 48
+
+#: |extreme| * ratio at least this: every candidate scale is normal, no `_cover` fix needed
+_NORMAL_SAFE = np.float32(2.0**-120)
+
+_F32 = ir.FloatType()
+_F64 = ir.DoubleType()
+_VW = 16
+_VF = ir.VectorType(_F32, _VW)
+
+
+@intrinsic
+def _fdiv(typingctx, a, b):
+    """a / b in float32, IEEE, without numba's zero-division check (a branch per division that
+    keeps a loop from vectorising; the divisors here are never 0)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fdiv(args[0], args[1])
+
+    return types.float32(types.float32, types.float32), codegen
 
 
 @njit(inline="always")
@@ -99,8 +141,83 @@ def _scan(xb, s_, i_, z_, a_, b_, c_, signed, gain, sumsq):
     return q
 
 
+def _make_scan_ir(nvec: int, gain: bool, sumsq: bool):
+    """`_scan` for signed lanes as explicit LLVM IR on nvec 16-lane float32 vectors: the same
+    operations in the same order per lane (v * inv, rint, clamp to [-8, 7], * scale, - v, then
+    a += d * d, b += d and with `gain` c += d * v, no fusing), so the same bits, with the
+    accumulators in registers. numba's own loop is legalised to 8-lane AVX2 operations even on
+    AVX-512 hosts (LLVM prefers 256-bit vectors there); an explicit 16-lane vector becomes one
+    AVX-512 operation, or two AVX2 ones, which halves int4_ort's ranking pass (48 lanes).
+
+    (xb, sk, ik, acc, acc1, acc2) -> float64 sum(x^2) in order with `sumsq`, else 0; sk, ik,
+    acc* hold at least 16 * nvec float32 lanes (contiguous)."""
+
+    @intrinsic
+    def scan(typingctx, xb, sk, ik, acc, acc1, acc2):
+        sig = types.float64(xb, sk, ik, acc, acc1, acc2)
+
+        def codegen(context, builder, sig, args):
+            arrs = [
+                context.make_array(t)(context, builder, a)
+                for t, a in zip(sig.args, args, strict=True)
+            ]
+            i32 = ir.IntType(32)
+
+            def vptr(i, k):  # the k-th 16-lane vector of argument i
+                p = builder.bitcast(arrs[i].data, _VF.as_pointer())
+                return builder.gep(p, [ir.Constant(i32, k)])
+
+            s = [builder.load(vptr(1, k), align=4) for k in range(nvec)]
+            inv = [builder.load(vptr(2, k), align=4) for k in range(nvec)]
+            zero = ir.Constant(_VF, [0.0] * _VW)
+            sums = [[cgutils.alloca_once_value(builder, zero) for _ in range(nvec)]
+                    for _ in range(3)]  # fmt: skip
+            q = cgutils.alloca_once_value(builder, ir.Constant(_F64, 0.0))
+            rint = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_VF, [_VF]), "llvm.rint.v16f32"
+            )
+            lo = ir.Constant(_VF, [-8.0] * _VW)
+            hi = ir.Constant(_VF, [7.0] * _VW)
+            undef = ir.Constant(_VF, ir.Undefined)
+            bcast = ir.Constant(ir.VectorType(i32, _VW), [0] * _VW)
+            n = builder.extract_value(arrs[0].shape, 0)
+            with cgutils.for_range(builder, n) as loop:
+                ptr = cgutils.get_item_pointer(context, builder, sig.args[0], arrs[0], [loop.index])
+                v = builder.load(ptr)
+                if sumsq:
+                    w = builder.fpext(v, _F64)
+                    builder.store(builder.fadd(builder.load(q), builder.fmul(w, w)), q)
+                vb = builder.shuffle_vector(
+                    builder.insert_element(undef, v, ir.Constant(i32, 0)), undef, bcast
+                )
+                for k in range(nvec):
+                    c = builder.call(rint, [builder.fmul(vb, inv[k])])
+                    # max(c, -8) then min(., 7), as numba's max/min (no NaN here: x, inv finite)
+                    c = builder.select(builder.fcmp_ordered(">", c, lo), c, lo)
+                    c = builder.select(builder.fcmp_ordered("<", c, hi), c, hi)
+                    d = builder.fsub(builder.fmul(c, s[k]), vb)
+                    a0, a1, a2 = sums[0][k], sums[1][k], sums[2][k]
+                    builder.store(builder.fadd(builder.load(a0), builder.fmul(d, d)), a0)
+                    builder.store(builder.fadd(builder.load(a1), d), a1)
+                    if gain:
+                        builder.store(builder.fadd(builder.load(a2), builder.fmul(d, vb)), a2)
+            for i in range(3):
+                for k in range(nvec):
+                    builder.store(builder.load(sums[i][k]), vptr(3 + i, k), align=4)
+            return builder.load(q)
+
+        return sig, codegen
+
+    return scan
+
+
+_ort_scan = _make_scan_ir(_ORT_LANES // _VW, False, False)
+_ort_scan_gain = _make_scan_ir(_ORT_LANES // _VW, True, False)
+_ort_scan_gain_sumsq = _make_scan_ir(_ORT_LANES // _VW, True, True)
+
+
 @njit(inline="always")
-def _approx_all(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, signed):
+def _approx_all(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, signed, ort=False):
     """score[k] = `mse.approx_sse` of the block at scale sk[k] (ik[k] = 1 / sk[k], zk[k] the zero
     point, float32): codes rint(x * ik[k]), squares and sums in float32, in order of the elements
     (acc1: the sums of the differences, acc2: of the differences times x), acc + dcw * acc1^2 in
@@ -110,15 +227,23 @@ def _approx_all(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, signed):
     Candidates are the inner loop: each element is loaded once and scored against _LANES of
     them, a float32 map with a constant trip count that LLVM vectorises whole (a sum over the
     elements would not vectorise without reassociation, and there is no fast-math here)."""
-    for k in range(sk.shape[0]):
-        acc[k] = _ZERO
-        acc1[k] = _ZERO
-        acc2[k] = _ZERO
+    if not ort:  # (the IR scan starts its sums in registers and stores them)
+        for k in range(sk.shape[0]):
+            acc[k] = _ZERO
+            acc1[k] = _ZERO
+            acc2[k] = _ZERO
     q = 0.0
-    for p0 in range(0, sk.shape[0], _LANES):
+    for p0 in range(0, sk.shape[0], _ORT_LANES if ort else _LANES):
         s_, i_, z_ = sk[p0:], ik[p0:], zk[p0:]
         a_, b_, c_ = acc[p0:], acc1[p0:], acc2[p0:]
-        if gain == 0.0:
+        if ort:  # (int4_ort: the signed lanes in explicit 16-lane IR, `_make_scan_ir`)
+            if gain == 0.0:
+                _ort_scan(xb, s_, i_, a_, b_, c_)
+            elif p0 == 0:
+                q = _ort_scan_gain_sumsq(xb, s_, i_, a_, b_, c_)
+            else:
+                _ort_scan_gain(xb, s_, i_, a_, b_, c_)
+        elif gain == 0.0:
             _scan(xb, s_, i_, z_, a_, b_, c_, signed, False, False)
         elif p0 == 0:
             q = _scan(xb, s_, i_, z_, a_, b_, c_, signed, True, True)
@@ -126,6 +251,8 @@ def _approx_all(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, signed):
             _scan(xb, s_, i_, z_, a_, b_, c_, signed, True, False)
     # `mse.gain_factor`; a block of zeros (q == 0) has sum(d x) == 0 and gets factor 0
     gw = (gain * np.float64(xb.shape[0])) / q if q > 0.0 else 0.0
+    if ort:  # (`_ort_scores` finishes them, with the keys `_first_least` ranks)
+        return gw
     for k in range(sk.shape[0]):
         a = acc[k]
         if dcw != _ZERO:
@@ -138,23 +265,63 @@ def _approx_all(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, signed):
 
 
 @njit(inline="always")
-def _exact2(xb, sa, za, sb, zb, dcw, gw, signed, da, db):
-    """`mse.search_error` of the block for two candidates (scale, zero point): the format's own
-    codes (a true division), decoded in float32, differences, squares and the sums (in order)
+def _ort_q(y):
+    """ORT's unsigned code of y (before the flip), as float32: clip(roundf(y + 8), 0, 15)."""
+    t = y + _EIGHT
+    f = np.floor(t)
+    c = f + _ONE if t - f >= np.float32(0.5) else f  # (inf: inf - inf is NaN, c stays inf)
+    return min(max(c, _ZERO), _FIFTEEN)
+
+
+@njit(inline="always")
+def _ort_deq(c, flip, s):
+    """`OrtInt4.decode` of code c at ORT's signed scale s (flip: 15 where s < 0, zero point 7):
+    (code - zero point) * |s|, in float32."""
+    return (np.float32(c) - (_SEVEN if flip else _EIGHT)) * abs(s)
+
+
+@njit(inline="always")
+def _ort_lane(s):
+    """(1 / s, whether it overflowed, the code's xor mask) for ORT's signed scale s."""
+    rcp = _recip(s)
+    return rcp, np.isinf(rcp), np.int32(15) if s < _ZERO else np.int32(0)
+
+
+@njit(inline="always")
+def _exact2(xb, sa, za, sb, zb, dcw, gw, signed, ort, da, db):
+    """`mse.search_error` of the block for two candidates (scale, zero point; `ort`: ORT's
+    signed scale, zero point unused): the format's own codes (a true division; int4_ort: its
+    reciprocal rule), decoded in float32, differences, squares and the sums (in order)
     in float64. da, db: float64 buffers of at least the block's length.
 
     Two loops: the differences first, a map with no loop-carried dependence that vectorises
     (the divisions above all), then the six sums, each in order of the elements, as
     independent chains in one pass; same bits as one scalar loop per candidate."""
     n = xb.shape[0]
-    for j in range(n):
-        v = _load(xb, j)
-        if signed:
-            da[j] = _diff(v, _int4_code(v, sa) * sa)
-            db[j] = _diff(v, _int4_code(v, sb) * sb)
-        else:
-            da[j] = _diff(v, _uint4_deq(v, sa, za))
-            db[j] = _diff(v, _uint4_deq(v, sb, zb))
+    if ort:  # sa, sb: ORT's signed scales
+        ra, ta, fa = _ort_lane(sa)
+        rb, tb, fb = _ort_lane(sb)
+        if ta or tb:  # (subnormal scales: OrtInt4.encode divides)
+            for j in range(n):
+                v = _load(xb, j)
+                ca = _code_ort_div(v, sa, fa) if ta else _code_ort(v, ra, fa)
+                cb = _code_ort_div(v, sb, fb) if tb else _code_ort(v, rb, fb)
+                da[j] = _diff(v, _ort_deq(ca, fa, sa))
+                db[j] = _diff(v, _ort_deq(cb, fb, sb))
+        else:  # a branch-free map that vectorises
+            for j in range(n):
+                v = _load(xb, j)
+                da[j] = _diff(v, _ort_deq(_code_ort(v, ra, fa), fa, sa))
+                db[j] = _diff(v, _ort_deq(_code_ort(v, rb, fb), fb, sb))
+    else:
+        for j in range(n):
+            v = _load(xb, j)
+            if signed:
+                da[j] = _diff(v, _int4_code(v, sa) * sa)
+                db[j] = _diff(v, _int4_code(v, sb) * sb)
+            else:
+                da[j] = _diff(v, _uint4_deq(v, sa, za))
+                db[j] = _diff(v, _uint4_deq(v, sb, zb))
     a0 = 0.0
     a1 = 0.0
     a2 = 0.0
@@ -180,20 +347,113 @@ def _exact2(xb, sa, za, sb, zb, dcw, gw, signed, da, db):
     return ea, eb
 
 
+@intrinsic
+def _bits64(typingctx, v):
+    """float64 -> its int64 bit pattern."""
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(types.float64), codegen
+
+
 @njit(inline="always")
-def _choose(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, nr, signed, da, db):
+def _ort_scores(acc, acc1, acc2, ik, nr, dcw, gw, score, keys):  # -> the least key
+    """`_approx_all`'s scores from the sums (the same operations), with `_choose`'s rule: inf
+    where 1/scale overflowed (subnormal scales), where the sums did (inf - inf: NaN) and for
+    the padding lanes (k >= nr); keys[k]: score[k]'s bits for `_first_least`. One branch-free
+    map (the conditions are selects) and an integer min-reduction, which vectorise: returns the
+    least key."""
+    dc_on = dcw != _ZERO
+    gain_on = gw != 0.0
+    m = np.int64(0x7FF0000000000000)  # (inf's bits)
+    for k in range(score.shape[0]):
+        a = acc[k]
+        b = acc1[k]
+        a = a + dcw * (b * b) if dc_on else a
+        v = np.float64(a)
+        s2 = np.float64(acc2[k])
+        v = v + gw * (s2 * s2) if gain_on else v
+        v = v + 0.0  # (-0.0 -> 0.0: the keys of scores >= 0 then order as the scores)
+        ok = (abs(ik[k]) < np.inf) & (v == v) & (k < nr)  # (bitwise: no branches)
+        v = v if ok else np.inf
+        score[k] = v
+        key = _bits64(v)
+        keys[k] = key
+        m = min(m, key)
+    return m
+
+
+@njit(inline="always")
+def _first_least(keys, m):
+    """The index of the first key equal to m, the least (`np.argmin` over the scores, which
+    are >= 0 or inf and order as their int64 bits; `_ort_scores` finds m with a vectorised
+    reduction instead of a compare-and-select chain through every candidate)."""
+    nk = keys.shape[0]
+    for k in range(nk):  # (an early exit: cheaper than a second reduction, measured)
+        if keys[k] == m:
+            return k
+    return 0
+
+
+@njit(inline="always")
+def _ort_sure(xb, sa, ia, sb, ib, score_a, score_b, dcw, gain, gw):
+    """True when candidate a's exact `search_error` is certainly below candidate b's, so that
+    `_exact2` (whose sums are a latency-bound float64 chain) need not run: the approximate
+    scores differ by more than the approximation's error bound, and no element's code differs
+    between the ranking's rint(x / s) and ORT's rounding (near-ties; a different code moves
+    sum(e) by a whole step, which no relative bound covers). False decides nothing.
+
+    With equal codes the decoded values are equal, and each float32 difference is the exact
+    one within 2^-24 (relative); float32 sums of n terms are then within g = (n + 8) 2^-24
+    (twice that, for margin) of sum(e^2), and within g sum|e| <= g sqrt(n sum(e^2)) of sum(e),
+    g sqrt(sum(e^2) sum(x^2)) of sum(e x). With score >= sum(e^2), dc sum(e)^2 and
+    gw sum(e x)^2 (gw = gain n / sum(x^2)), the score's error is at most
+    score * (g + 2 g sqrt(dc n) + 2 g sqrt(gain n) + g^2 n (dc + gain)), and the float64 sums
+    of the exact error add far less; 1e-3 more covers the final roundings many times over.
+    Scores below 2^-60 (or sum(x^2), with the gain term) are left to the exact check: there
+    subnormal roundings are absolute, not relative."""
+    if not (np.isfinite(score_a) and np.isfinite(score_b) and score_b >= 2.0**-60):
+        return False
+    if not (np.isfinite(ia) and np.isfinite(ib)):
+        return False
+    n = xb.shape[0]
+    if gw != 0.0 and gw > gain * n * 2.0**60:  # sum(x^2) < 2^-60
+        return False
+    g = 2.0 * (n + 8) * 2.0**-24
+    dc = np.float64(dcw)
+    rel = g * (1.0 + 2.0 * np.sqrt(dc * n) + 2.0 * np.sqrt(gain * n)) + g * g * n * (dc + gain)
+    rel += 1e-3
+    if not score_a * (1.0 + rel) < score_b * (1.0 - rel):
+        return False
+    differ = False
+    for j in range(n):  # (a map and an or-reduction: vectorises)
+        v = _load(xb, j)
+        ya = v * ia
+        yb = v * ib
+        ca = min(max(np.rint(ya), np.float32(-8.0)), _SEVEN) + _EIGHT
+        cb = min(max(np.rint(yb), np.float32(-8.0)), _SEVEN) + _EIGHT
+        differ = differ | (_ort_q(ya) != ca) | (_ort_q(yb) != cb)
+    return not differ
+
+
+@njit(inline="always")
+def _choose(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, nr, signed, ort, da, db, keys):
     """Index of the chosen candidate (`mse.approx_sse` ranks them; see `mse._pick_two_stage`):
     the first least approximate error; kept outright when dcw and gain are 0 and it beats round
     to nearest's (candidate 0) by more than the approximation's error bound (`mse.sure_margin`),
     else only if its exact error is strictly below round to nearest's; otherwise 0."""
-    gw = _approx_all(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, signed)
-    best = 0
-    for k in range(nr):
-        # 1/scale overflows (subnormal scales), or the sums do (inf - inf): not scored
-        if not np.isfinite(ik[k]) or np.isnan(score[k]):
-            score[k] = np.inf
-        if k and score[k] < score[best]:
-            best = k
+    gw = _approx_all(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, signed, ort)
+    if ort:
+        best = _first_least(keys, _ort_scores(acc, acc1, acc2, ik, nr, dcw, gw, score, keys))
+    else:
+        best = 0
+        for k in range(nr):
+            # 1/scale overflows (subnormal scales), or the sums do (inf - inf): not scored
+            if not np.isfinite(ik[k]) or np.isnan(score[k]):
+                score[k] = np.inf
+            if k and score[k] < score[best]:
+                best = k
     if best == 0:
         return 0
     ar = score[0]
@@ -201,7 +461,9 @@ def _choose(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, nr, signed, da, d
     plain = dcw == _ZERO and gain == 0.0
     if plain and np.isfinite(ar) and score[best] < ar * (1.0 - margin):
         return best
-    e_best, e_rtn = _exact2(xb, sk[best], zk[best], sk[0], zk[0], dcw, gw, signed, da, db)
+    if ort and _ort_sure(xb, sk[best], ik[best], sk[0], ik[0], score[best], ar, dcw, gain, gw):
+        return best
+    e_best, e_rtn = _exact2(xb, sk[best], zk[best], sk[0], zk[0], dcw, gw, signed, ort, da, db)
     return best if e_best < e_rtn else 0
 
 
@@ -232,6 +494,37 @@ def _uint4_candidates(lo, hi, ratios, sk, ik, zk):
     for k in range(sk.shape[0]):
         zk[k] = min(max(-np.rint((lo * ratios[k]) / sk[k]), _ZERO), _FIFTEEN)
         ik[k] = _ONE / sk[k]
+
+
+@njit(inline="always")
+def _ort_candidates(lo, hi, ratios, rmin, div, cov, orient, sk, ik):
+    """The signed scales sk[k] of int4_ort's candidates (ik[k] = 1 / sk[k]), from min(min, 0)
+    and max(max, 0): the extreme e (max if |max| > |min|, a tie picks min, as
+    `OrtInt4.choose_params`) and per lane |e| * ratios[k] / div[k], nudged up while
+    scale * cov[k] < |e| * ratios[k], 1 if that is 0: ORT's rule (div 8, cov 8) or int4's
+    (div 7, cov 7.5); then the sign: orient[k] 1 puts the extreme on code -8 (ORT's scale
+    -e / 8), -1 on +7 (`mse._flipped_candidates`); e * ratio == 0 counts as negative (zero
+    point 8, as OrtInt4 decides on the shrunk extreme).
+
+    rmin: the least ratio. When |e| * rmin >= 2^-120 no lane needs a fix (every |e| * ratio is
+    then >= 2^-120 and its quotient normal: / 8 is exact, / 7 covers 7.5 steps), and the fix
+    loop, which does not vectorise, is skipped."""
+    e = hi if abs(hi) > abs(lo) else lo
+    ae = abs(e)
+    for k in range(sk.shape[0]):
+        sk[k] = _fdiv(ae * ratios[k], div[k])
+    if ae * rmin < _NORMAL_SAFE:
+        for k in range(sk.shape[0]):
+            a = ae * ratios[k]
+            if a == 0:
+                sk[k] = _ONE
+            elif np.float64(sk[k]) * cov[k] < np.float64(a):  # subnormal: nudge up to cover
+                sk[k] = _cover(sk[k], np.float64(a), cov[k])
+    for k in range(sk.shape[0]):
+        # ORT's scale is negative where e * ratio > 0 (not where e > 0: it can underflow to 0)
+        neg = e > _ZERO and ae * ratios[k] > _ZERO
+        sk[k] = sk[k] * (-orient[k] if neg else orient[k])
+        ik[k] = _fdiv(_ONE, sk[k])
 
 
 @njit(inline="always")
@@ -271,8 +564,9 @@ def _lo_hi(xb):
 
 
 @njit(inline="always")
-def _pack_item(xr, pr, sr, zr, b0, b1, bs, n, signed):
-    """Codes of blocks b0..b1 of one row, two per byte (as int4/uint4's quantize kernels)."""
+def _pack_item(xr, pr, sr, zr, b0, b1, bs, n, signed, ort=False):
+    """Codes of blocks b0..b1 of one row, two per byte (as int4/uint4/int4_ort's quantize
+    kernels; `ort`: int4_ort's codes, sr its scales (> 0) and zr its zero points)."""
     # full blocks of an even size start on a byte: whole bytes, in a loop that vectorises
     fast_end = max(b0, min(b1, n // bs)) if bs % 2 == 0 else b0
     for b in range(b0, fast_end):
@@ -280,7 +574,20 @@ def _pack_item(xr, pr, sr, zr, b0, b1, bs, n, signed):
         xb = xr[s0 : s0 + bs]
         pb = pr[s0 // 2 : s0 // 2 + bs // 2]
         scale = sr[b]
-        if signed:
+        if ort:
+            s = -scale if zr[b] == 7 else scale
+            rcp, tiny, flip = _ort_lane(s)
+            if tiny:  # (OrtInt4.encode divides where 1 / scale overflows)
+                for k in range(bs // 2):
+                    c0 = _code_ort_div(_load(xb, 2 * k), s, flip)
+                    c1 = _code_ort_div(_load(xb, 2 * k + 1), s, flip)
+                    pb[k] = _pack2(c0, c1)
+            else:
+                for k in range(bs // 2):
+                    c0 = _code_ort(_load(xb, 2 * k), rcp, flip)
+                    c1 = _code_ort(_load(xb, 2 * k + 1), rcp, flip)
+                    pb[k] = _pack2(c0, c1)
+        elif signed:
             for k in range(bs // 2):
                 c0 = np.int32(_int4_code(_load(xb, 2 * k), scale)) & np.int32(15)
                 c1 = np.int32(_int4_code(_load(xb, 2 * k + 1), scale)) & np.int32(15)
@@ -295,17 +602,21 @@ def _pack_item(xr, pr, sr, zr, b0, b1, bs, n, signed):
     for b in range(fast_end, b1):
         s0 = b * bs
         scale = sr[b]
-        zpf = _ZERO if signed else np.float32(zr[b])
+        zpf = _ZERO if signed and not ort else np.float32(zr[b])
+        s = -scale if zpf == _SEVEN else scale  # (s, rcp, tiny, flip: int4_ort's only)
+        rcp, tiny, flip = _ort_lane(s)
         for j in range(bs):
             p = s0 + j
             if p < n:
                 v = _load(xr, p)
-                if signed:
+                if ort:
+                    c = _code_ort_div(v, s, flip) if tiny else _code_ort(v, rcp, flip)
+                elif signed:
                     c = np.int32(_int4_code(v, scale)) & np.int32(15)
                 else:
                     c = np.int32(_uint4_code(v, scale, zpf))
-            else:  # padding: the code of 0
-                c = np.int32(0) if signed else np.int32(zpf)
+            else:  # padding: the code of 0 (int4_ort: its zero point too)
+                c = np.int32(0) if signed and not ort else np.int32(zpf)
             low = _put_nibble(pr, p, c, low)
     _close_row(pr, b1 * bs, low)
 
@@ -343,17 +654,65 @@ def mse_kernel(x, packed, scales, zero_points, ratios, nr, dcw, gain, bs, chunk)
             xb = xr[s0:e]
             if zero_points is None:
                 _int4_candidates(_amax(xb), ratios, sk, ik)
-                kb = _choose(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, nr, True, da, db)
+                kb = _choose(
+                    xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, nr, True, False, da, db, da
+                )  # (keys: int4_ort's only)
             else:
                 lo, hi = _lo_hi(xb)
                 _uint4_candidates(lo, hi, ratios, sk, ik, zk)
-                kb = _choose(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, nr, False, da, db)
+                kb = _choose(
+                    xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, nr, False, False, da, db, da
+                )  # (keys: int4_ort's only)
                 zero_points[r, b] = np.uint8(zk[kb])
             sr[b] = sk[kb]
         if zero_points is None:
             _pack_item(xr, packed[r], sr, sr, b0, b1, bs, n, True)
         else:
             _pack_item(xr, packed[r], sr, zero_points[r], b0, b1, bs, n, False)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def mse_ort_kernel(x, packed, scales, zero_points, ratios, div, cov, orient, nr, dcw, gain, bs,
+                   chunk):  # fmt: skip
+    """`mse_kernel` for int4_ort: per lane k, ratios[k], div[k], cov[k] and orient[k] make the
+    candidate (`_ort_candidates`); nr: the real candidates (ORT's orientation at every ratio,
+    then the other), the rest pad the lanes to a multiple of _LANES. Ranked as int4 at the
+    signed scales; the zero point is 7 where the chosen one is negative, else 8."""
+    rows, n = x.shape
+    nb = scales.shape[1]
+    nchunks = (nb + chunk - 1) // chunk
+    total = rows * n
+    nk = ratios.shape[0]
+    rmin = ratios.min()
+    for item in prange(rows * nchunks):
+        r, b0, b1 = _work_item(item, nchunks, chunk, nb)
+        xr = x[r]
+        sr = scales[r]
+        zr = zero_points[r]
+        sk = np.empty(nk, np.float32)
+        ik = np.empty(nk, np.float32)
+        zk = np.zeros(nk, np.float32)
+        acc = np.empty(nk, np.float32)
+        acc1 = np.empty(nk, np.float32)
+        acc2 = np.empty(nk, np.float32)
+        score = np.empty(nk, np.float64)
+        keys = np.empty(nk, np.int64)
+        da = np.empty(bs, np.float64)
+        db = np.empty(bs, np.float64)
+        for b in range(b0, b1):
+            s0 = b * bs
+            e = min(s0 + bs, n)
+            _prefetch_ahead(x, r * n + s0, e - s0, total)
+            xb = xr[s0:e]
+            lo, hi = _lo_hi(xb)
+            _ort_candidates(lo, hi, ratios, rmin, div, cov, orient, sk, ik)
+            kb = _choose(
+                xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, nr, True, True, da, db, keys
+            )
+            s = sk[kb]
+            sr[b] = abs(s)
+            zr[b] = np.uint8(7) if s < _ZERO else np.uint8(8)
+        _pack_item(xr, packed[r], sr, zr, b0, b1, bs, n, True, True)
 
 
 def mse_rows(
@@ -372,7 +731,7 @@ def mse_rows(
     nb = -(-n // bs)
     packed = np.empty((rows, -(-nb * bs // 2)), np.uint8)
     scales = np.empty((rows, nb), np.float32)
-    zp = np.empty((rows, nb), np.uint8) if fmt_name == "uint4" else None
+    zp = np.empty((rows, nb), np.uint8) if fmt_name in ("uint4", "int4_ort") else None
     if rows == 0:
         return kernels.QuantizedRows(packed, scales, zp)
     xv = np.ascontiguousarray(x).view(kernels._VIEWS[x.dtype])
@@ -381,9 +740,26 @@ def mse_rows(
     nr = ratios.shape[0]
     if nr == 0:
         raise ValueError("ratios is empty; the grid needs at least ratio 1 (round to nearest)")
-    nk = -(-nr // _LANES) * _LANES  # whole passes; the extra lanes repeat the last ratio
-    padded = np.concatenate([ratios, np.repeat(ratios[-1:], nk - nr)])
     dcw, gain = np.float32(dc_weight), np.float64(gain_weight)
+    if fmt_name == "int4_ort":  # ORT's orientation at every ratio, then the other one
+        lanes = _pad_lanes(
+            _ORT_LANES,
+            np.concatenate([ratios, ratios]),
+            np.repeat(np.float32([8, 7]), nr),
+            np.repeat(np.float32([8, 7.5]), nr),
+            np.repeat(np.float32([1, -1]), nr),
+        )
+        with kernels._launch(num_threads):
+            mse_ort_kernel(xv, packed, scales, zp, *lanes, 2 * nr, dcw, gain, bs, chunk)
+        return kernels.QuantizedRows(packed, scales, zp)
+    (padded,) = _pad_lanes(_LANES, ratios)
     with kernels._launch(num_threads):
         mse_kernel(xv, packed, scales, zp, padded, nr, dcw, gain, bs, chunk)
     return kernels.QuantizedRows(packed, scales, zp)
+
+
+def _pad_lanes(width, *lanes):
+    """Each per-candidate array padded to whole passes of `width` lanes, repeating its last
+    value (the extra lanes are scored, never chosen)."""
+    nk = -(-lanes[0].shape[0] // width) * width
+    return tuple(np.concatenate([a, np.repeat(a[-1:], nk - a.shape[0])]) for a in lanes)
