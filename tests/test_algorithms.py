@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _matrices import matrix
 from quantize import quantize_tensor
 from quantize.algorithms import available_methods, get_method
 from quantize.algorithms.hqq import HalfQuadratic, shrink_lp
@@ -34,23 +35,6 @@ from quantize.formats import available_formats, get_format
 # the per-block guarantee is about its first-level scales; it has its own, whole-tensor test
 FORMATS = [f for f in available_formats() if not getattr(get_format(f), "double_quant", False)]
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def _data(kind: str, seed: int, rows: int, n: int, dtype=np.float32) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    if kind == "normal":
-        x = rng.standard_normal((rows, n))
-    elif kind == "student-t":  # heavy tails, rows over several binades
-        x = rng.standard_t(2.5, (rows, n)) * np.exp2(rng.integers(-6, 6, (rows, 1)))
-    elif kind == "zeros":
-        x = np.zeros((rows, n))
-    elif kind == "constant":
-        x = np.full((rows, n), rng.choice([-3.5, 0.1, 2.0**-130, 7.0]))
-    elif kind == "sparse":  # mostly zero blocks with a few outliers
-        x = rng.standard_normal((rows, n)) * (rng.random((rows, n)) < 0.1) * 100
-    else:  # "tiny": subnormal float32 range
-        x = rng.standard_normal((rows, n)) * 2.0**-135
-    return x.astype(dtype)
 
 
 def per_block_sse(
@@ -186,7 +170,7 @@ def test_shrink_lp():
     clip=st.sampled_from([1.0, 1.0, 0.9]),
 )
 def test_never_worse_than_rtn(method, fmt, kind, seed, rows, n, bs, clip):
-    x = _data(kind, seed, rows, n)
+    x = matrix(kind, seed, rows, n)
     if fmt == "nvfp4" and kind == "tiny":
         x = x * np.float32(2.0**100)  # nvfp4's tensor scale needs a float32-normal amax / 2688
     rtn = quantize_tensor(x, fmt, bs, clip_ratio=clip)
@@ -206,7 +190,7 @@ def test_never_worse_than_rtn(method, fmt, kind, seed, rows, n, bs, clip):
 @pytest.mark.parametrize("method", ["mse", "hqq"])
 @pytest.mark.parametrize("fmt", ["int4", "uint4", "nf4", "int4_affine", "mxfp4", "nvfp4"])
 def test_float64_and_other_axes(method, fmt):
-    x = _data("student-t", 7, 6, 50, np.float64).reshape(6, 5, 10)
+    x = matrix("student-t", 7, 6, 50, np.float64).reshape(6, 5, 10)
     # mse with plain squared error, so that the whole tensor's error can be compared
     m = MSESearch(dc_weight=0.0, gain_weight=0.0) if method == "mse" else method
     for axis in (0, 1, -1):
@@ -266,10 +250,10 @@ def _same(a, b) -> bool:
 def test_kernel_equals_numpy(fmt, weights, kind, seed, rows, n, bs, clip):
     pytest.importorskip("numba")
     if kind == "huge":
-        x = (_data("normal", seed, rows, n).astype(np.float64) * 1e38).clip(-3.4e38, 3.4e38)
+        x = (matrix("normal", seed, rows, n).astype(np.float64) * 1e38).clip(-3.4e38, 3.4e38)
         x = x.astype(np.float32)
     else:
-        x = _data(kind, seed, rows, n)
+        x = matrix(kind, seed, rows, n)
     if weights is None:
         m = get_method("mse")
     else:
@@ -285,7 +269,7 @@ def test_kernel_dispatch_threads_and_half_input(fmt, monkeypatch):
     pytest.importorskip("numba")
     from quantize import kernels
 
-    x = _data("student-t", 11, 300, 1000)  # 300k elements: above the kernels' threshold
+    x = matrix("student-t", 11, 300, 1000)  # 300k elements: above the kernels' threshold
     assert kernels.wanted(get_format(fmt), np.float32, x.size)
     on = quantize_tensor(x, fmt, 32, method="mse")
     monkeypatch.setenv("QUANTIZE_KERNELS", "0")
@@ -304,7 +288,7 @@ def test_kernel_dispatch_threads_and_half_input(fmt, monkeypatch):
 
 @pytest.mark.parametrize("fmt", ["uint4", "uint8", "int4_ort"])
 def test_hqq_integer_zero_points_stay_valid(fmt):
-    x = _data("student-t", 5, 64, 256)
+    x = matrix("student-t", 5, 64, 256)
     f = get_format(fmt)
     qt = quantize_tensor(x, fmt, 32, method="hqq")
     rtn = quantize_tensor(x, fmt, 32)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("numba")
 
+from _matrices import matrix
 from quantize import kernels, quantize_tensor
 from quantize.algorithms import hqq as H
 from quantize.algorithms.hqq import HQQ, HalfQuadratic, lp_power, solver_applies
@@ -29,28 +30,6 @@ SOLVER = ["int4", "uint4", "int8", "uint8", "int4_affine", "uint4_float_zp"]
 FLOAT_ZP = ["int4_affine", "uint4_float_zp"]
 BF16 = np.dtype(ml_dtypes.bfloat16)
 KINDS = ["normal", "student-t", "zeros", "constant", "single", "sparse", "tiny", "huge"]
-
-
-def _data(kind: str, seed: int, rows: int, n: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    if kind == "normal":
-        x = rng.standard_normal((rows, n))
-    elif kind == "student-t":  # heavy tails, rows over several binades
-        x = rng.standard_t(2.5, (rows, n)) * np.exp2(rng.integers(-6, 6, (rows, 1)))
-    elif kind == "zeros":
-        x = np.zeros((rows, n))
-    elif kind == "constant":
-        x = np.full((rows, n), rng.choice([-3.5, 0.1, 2.0**-130, 7.0]))
-    elif kind == "single":  # one non-zero per row
-        x = np.zeros((rows, n))
-        x[np.arange(rows), rng.integers(0, n, rows)] = rng.standard_normal(rows) * 10
-    elif kind == "sparse":
-        x = rng.standard_normal((rows, n)) * (rng.random((rows, n)) < 0.1) * 100
-    elif kind == "tiny":  # subnormal float32
-        x = rng.standard_normal((rows, n)) * 2.0**-135
-    else:  # near float32's largest
-        x = (rng.standard_normal((rows, n)) * 1e38).clip(-3.4e38, 3.4e38)
-    return x.astype(np.float32)
 
 
 def _same(a, b) -> bool:
@@ -113,7 +92,7 @@ def test_kernel_constants_are_the_references():
 )
 def test_solver_equals_numpy(fmt, kind, seed, rows, n, bs, upd, iters, monkeypatch):
     m = HalfQuadratic(iterations=iters, update_scale=upd)
-    (gs, gz), (ws, wz), blocks, lv = _both(m, fmt, _data(kind, seed, rows, n), bs, monkeypatch)
+    (gs, gz), (ws, wz), blocks, lv = _both(m, fmt, matrix(kind, seed, rows, n), bs, monkeypatch)
     assert _same(gs, ws) and _same(gz, wz)
     f = get_format(fmt)
     rs, rz = f.choose_params(blocks)
@@ -150,7 +129,7 @@ def test_solver_edge_blocks(fmt, monkeypatch):
     clip=st.sampled_from([1.0, 0.7]),
 )
 def test_fused_equals_numpy(fmt, kind, seed, rows, n, bs, clip):
-    x = _data(kind, seed, rows, n)
+    x = matrix(kind, seed, rows, n)
     got = HQQ.quantize_rows(fmt, x, bs, clip)
     want = quantize_tensor(x, fmt, bs, clip_ratio=clip, method="hqq")  # small: the NumPy path
     assert _same(got[0], want.data) and _same(got[1], want.scales)
@@ -160,7 +139,7 @@ def test_fused_equals_numpy(fmt, kind, seed, rows, n, bs, clip):
 @pytest.mark.parametrize("dtype", [np.float16, BF16])
 @pytest.mark.parametrize("fmt", ["int4", "uint4"])
 def test_half_input(fmt, dtype):
-    x = _data("student-t", 4, 5, 200).astype(dtype)
+    x = matrix("student-t", 4, 5, 200).astype(dtype)
     got = HQQ.quantize_rows(fmt, x, 32)
     assert all(
         _same(a, b)
@@ -172,7 +151,7 @@ def test_half_input(fmt, dtype):
 
 @pytest.mark.parametrize("fmt", ["int4", "uint4", "int8", *FLOAT_ZP])
 def test_dispatch_threads(fmt, monkeypatch):
-    x = _data("student-t", 11, 256, 1024)  # 2^18 elements: the kernel's threshold
+    x = matrix("student-t", 11, 256, 1024)  # 2^18 elements: the kernel's threshold
     f = get_format(fmt)
     assert solver_applies(f, to_blocks(x, 64, -1))
     on = quantize_tensor(x, fmt, 64, method="hqq")
@@ -202,7 +181,7 @@ def test_float_zero_point_half_input_and_padding(fmt, dtype, monkeypatch):
     float16/bfloat16 input, with a padded last block whose padding (the row's last value)
     differs from 0; the solver moves the float zero points off round to nearest's."""
     monkeypatch.setattr(kernels, "MIN_KERNEL_ELEMENTS", 1)
-    x = _data("student-t", 5, 7, 300).astype(dtype)
+    x = matrix("student-t", 5, 7, 300).astype(dtype)
     x[:, -1] = np.array([3.0, -3.0, 0.0, 40.0, -40.0, 1e-3, 7.5], np.float32).astype(dtype)
     f = get_format(fmt)
     assert solver_applies(f, to_blocks(x.astype(np.float32), 64, -1))

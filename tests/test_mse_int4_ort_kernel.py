@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _matrices import matrix
 from quantize import quantize_tensor
 from quantize.algorithms import get_method
 from quantize.algorithms.mse import MSE, MSESearch, search_error
@@ -35,28 +36,6 @@ def _same(a, b) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and same_bytes
 
 
-def _data(kind: str, seed: int, rows: int, n: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    if kind == "normal":
-        x = rng.standard_normal((rows, n))
-    elif kind == "student-t":  # heavy tails, rows over several binades
-        x = rng.standard_t(2.5, (rows, n)) * np.exp2(rng.integers(-6, 6, (rows, 1)))
-    elif kind == "zeros":
-        x = np.zeros((rows, n))
-    elif kind == "constant":
-        x = np.full((rows, n), rng.choice([-3.5, 0.1, 2.0**-130, 7.0]))
-    elif kind == "sparse":  # mostly zero blocks with a few outliers
-        x = rng.standard_normal((rows, n)) * (rng.random((rows, n)) < 0.1) * 100
-    elif kind == "ties":  # multiples of 1/16 of a +-1 extreme: half steps of scale 1/8
-        x = rng.integers(-16, 17, (rows, n)) / 16.0
-        x[:, ::7] = rng.choice([-1.0, 1.0], (rows, 1))
-    elif kind == "huge":
-        x = (rng.standard_normal((rows, n)) * 1e38).clip(-3.4e38, 3.4e38)
-    else:  # "tiny": subnormal float32 range
-        x = rng.standard_normal((rows, n)) * 2.0**-135
-    return x.astype(np.float32)
-
-
 KINDS = ["normal", "student-t", "zeros", "constant", "sparse", "ties", "huge", "tiny"]
 
 
@@ -72,7 +51,7 @@ KINDS = ["normal", "student-t", "zeros", "constant", "sparse", "ties", "huge", "
     clip=st.sampled_from([1.0, 0.7, 1e-3, 1e-30]),
 )
 def test_kernel_equals_numpy(weights, kind, seed, rows, n, bs, clip):
-    x = _data(kind, seed, rows, n)
+    x = matrix(kind, seed, rows, n)
     m = MSE if weights is None else MSESearch(dc_weight=weights[0], gain_weight=weights[1])
     got = m.quantize_rows(FMT, x, bs, clip)
     want = quantize_tensor(x, FMT, bs, clip_ratio=clip, method=m)  # small: the NumPy path
@@ -82,7 +61,7 @@ def test_kernel_equals_numpy(weights, kind, seed, rows, n, bs, clip):
 
 @pytest.mark.parametrize("steps", [1, 2, 30])  # 2, 4 and 60 candidates: one or two passes
 def test_other_grids(steps):
-    x = _data("student-t", 7, 6, 200)
+    x = matrix("student-t", 7, 6, 200)
     m = MSESearch(steps=steps, lowest=0.3)
     got = m.quantize_rows(FMT, x, 32)
     want = quantize_tensor(x, FMT, 32, method=m)
@@ -91,7 +70,7 @@ def test_other_grids(steps):
 
 
 def test_both_orientations_are_chosen():
-    x = _data("student-t", 3, 64, 256)
+    x = matrix("student-t", 3, 64, 256)
     got = MSE.quantize_rows(FMT, x, 32)
     rtn = quantize_tensor(x, FMT, 32)
     assert set(np.unique(got[2])) == {7, 8}
@@ -102,7 +81,7 @@ def test_both_orientations_are_chosen():
 def test_dispatch_threads_and_half_input(monkeypatch):
     from quantize import kernels
 
-    x = _data("student-t", 11, 300, 1000)  # 300k elements: above the kernels' threshold
+    x = matrix("student-t", 11, 300, 1000)  # 300k elements: above the kernels' threshold
     x[:, -3:] = 0  # and a padded last block (1000 = 31 * 32 + 8)
     assert kernels.wanted(ORT4, np.float32, x.size)
     assert FMT in get_method("mse").kernel_formats
@@ -119,7 +98,7 @@ def test_dispatch_threads_and_half_input(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
 def test_half_input(dtype):
-    h = _data("student-t", 5, 8, 100).astype(dtype)
+    h = matrix("student-t", 5, 8, 100).astype(dtype)
     got = MSE.quantize_rows(FMT, h, 32)
     wide = MSE.quantize_rows(FMT, h.astype(np.float32), 32)
     assert all(_same(a, b) for a, b in zip(got, wide, strict=True))
@@ -132,7 +111,7 @@ def test_half_input(dtype):
 @given(seed=st.integers(0, 2**32 - 1), bs=st.sampled_from([16, 32, 128]), n=st.integers(1, 300))
 def test_never_worse_than_ort_rtn(seed, bs, n):
     """The kernel's blocks: the objective never above round to nearest's (ORT's own rule)."""
-    x = _data("student-t", seed, 4, n)
+    x = matrix("student-t", seed, 4, n)
     got = MSE.quantize_rows(FMT, x, bs)
     rtn = quantize_tensor(x, FMT, bs)
     pad = n_blocks(n, bs) * bs - n
