@@ -621,6 +621,17 @@ def _pack_item(xr, pr, sr, zr, b0, b1, bs, n, signed, ort=False):
     _close_row(pr, b1 * bs, low)
 
 
+@njit(inline="always")
+def _scratch(nk, bs):
+    """A work item's buffers for `nk` candidates of blocks of `bs`: scales sk, their reciprocals
+    ik, zero points zk (0), the sums acc, acc1, acc2, scores, int4_ort's ranking keys, and two
+    blocks of errors (da, db)."""
+    f32, f64 = np.float32, np.float64
+    return (np.empty(nk, f32), np.empty(nk, f32), np.zeros(nk, f32), np.empty(nk, f32),
+            np.empty(nk, f32), np.empty(nk, f32), np.empty(nk, f64), np.empty(nk, np.int64),
+            np.empty(bs, f64), np.empty(bs, f64))  # fmt: skip
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def mse_kernel(x, packed, scales, zero_points, ratios, nr, dcw, gain, bs, chunk):
     """x (rows, n) -> packed codes, the searched scales (rows, nb) float32 and, for uint4, zero
@@ -638,31 +649,21 @@ def mse_kernel(x, packed, scales, zero_points, ratios, nr, dcw, gain, bs, chunk)
         r, b0, b1 = _work_item(item, nchunks, chunk, nb)
         xr = x[r]
         sr = scales[r]
-        sk = np.empty(nk, np.float32)
-        ik = np.empty(nk, np.float32)
-        zk = np.zeros(nk, np.float32)
-        acc = np.empty(nk, np.float32)
-        acc1 = np.empty(nk, np.float32)
-        acc2 = np.empty(nk, np.float32)
-        score = np.empty(nk, np.float64)
-        da = np.empty(bs, np.float64)
-        db = np.empty(bs, np.float64)
+        sk, ik, zk, acc, acc1, acc2, score, keys, da, db = _scratch(nk, bs)
         for b in range(b0, b1):
             s0 = b * bs
             e = min(s0 + bs, n)
             _prefetch_ahead(x, r * n + s0, e - s0, total)
             xb = xr[s0:e]
-            if zero_points is None:
+            signed = zero_points is None
+            if signed:
                 _int4_candidates(_amax(xb), ratios, sk, ik)
-                kb = _choose(
-                    xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, nr, True, False, da, db, da
-                )  # (keys: int4_ort's only)
             else:
                 lo, hi = _lo_hi(xb)
                 _uint4_candidates(lo, hi, ratios, sk, ik, zk)
-                kb = _choose(
-                    xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, nr, False, False, da, db, da
-                )  # (keys: int4_ort's only)
+            kb = _choose(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, nr, signed, False,
+                         da, db, keys)  # fmt: skip
+            if not signed:
                 zero_points[r, b] = np.uint8(zk[kb])
             sr[b] = sk[kb]
         if zero_points is None:
@@ -689,16 +690,7 @@ def mse_ort_kernel(x, packed, scales, zero_points, ratios, div, cov, orient, nr,
         xr = x[r]
         sr = scales[r]
         zr = zero_points[r]
-        sk = np.empty(nk, np.float32)
-        ik = np.empty(nk, np.float32)
-        zk = np.zeros(nk, np.float32)
-        acc = np.empty(nk, np.float32)
-        acc1 = np.empty(nk, np.float32)
-        acc2 = np.empty(nk, np.float32)
-        score = np.empty(nk, np.float64)
-        keys = np.empty(nk, np.int64)
-        da = np.empty(bs, np.float64)
-        db = np.empty(bs, np.float64)
+        sk, ik, zk, acc, acc1, acc2, score, keys, da, db = _scratch(nk, bs)
         for b in range(b0, b1):
             s0 = b * bs
             e = min(s0 + bs, n)
