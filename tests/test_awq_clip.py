@@ -8,7 +8,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quantize import quantize_tensor
-from quantize.algorithms.awq import CLIP_RATIOS, awq_apply, awq_scan, awq_search
+from quantize.algorithms.awq import (
+    CLIP_PAIR_RATIOS,
+    CLIP_RATIOS,
+    awq_apply,
+    awq_scan,
+    awq_search,
+)
 from quantize.formats import get_format
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -40,6 +46,20 @@ def clamp_blocks(ws, bs, r):
     return np.clip(blocks, -m, m).reshape(nb * bs, n)[:k]
 
 
+def clamp_ends(ws, bs, r_lo, r_hi):
+    """ws (K, N) with each block clamped to [r_lo * min(min, 0), r_hi * max(max, 0)] (the
+    last block's zero padding cannot move either end)."""
+    k, n = ws.shape
+    nb = -(-k // bs)
+    pad = np.zeros((nb * bs, n), ws.dtype)
+    pad[:k] = ws
+    blocks = pad.reshape(nb, bs, n)
+    zero = ws.dtype.type(0)
+    lo = np.minimum(blocks.min(axis=1, keepdims=True), zero) * ws.dtype.type(r_lo)
+    hi = np.maximum(blocks.max(axis=1, keepdims=True), zero) * ws.dtype.type(r_hi)
+    return np.clip(blocks, lo, hi).reshape(nb * bs, n)[:k]
+
+
 @pytest.mark.parametrize(
     ("fmt", "bs"), [("uint4", 32), ("uint4", 128), ("int4", 128), ("nf4", 64), ("nvfp4", 16)]
 )
@@ -57,9 +77,7 @@ def test_clip_lowers_the_output_error(fmt, bs):
     assert (clipped.clip_ratios < 1).any()
 
 
-@pytest.mark.parametrize(
-    ("fmt", "bs"), [("uint4", 32), ("uint4", 128), ("int4", 128), ("mxfp4", 32)]
-)
+@pytest.mark.parametrize(("fmt", "bs"), [("int4", 128), ("int4", 32), ("mxfp4", 32)])
 def test_clipped_parameters_are_the_formats_own(fmt, bs):
     """Every block's (scale, zero point) is the format's rule on the block clamped at the ratio
     reported for it."""
@@ -80,6 +98,26 @@ def test_clipped_parameters_are_the_formats_own(fmt, bs):
     # the stored codes decode to what the format itself gives for those parameters
     assert qt.data.shape == scaled.data.shape and qt.format == f.name
     assert np.isfinite(qt.dequantize(np.float32)).all()
+
+
+@pytest.mark.parametrize("bs", [32, 128])
+def test_zero_point_formats_clip_each_end_on_its_own(bs):
+    """uint4: every block's parameters are the format's rule on the block clamped to
+    [r_lo * min, r_hi * max], (r_lo, r_hi) the pair reported for it."""
+    w, x = outlier_layer(1, k=200, factor=8.0)
+    res = awq_scan(w, x, "uint4", bs)
+    qt, ratios = res.quantized, res.clip_ratios
+    assert ratios.shape == (*qt.scales.shape, 2)
+    grid = {np.float32(r) for r in CLIP_PAIR_RATIOS}
+    assert set(np.unique(ratios)) <= grid
+    assert (ratios[..., 0] != ratios[..., 1]).any()  # the two ends did move apart somewhere
+    ws = awq_apply(w, res.scales)
+    pairs = {tuple(p) for p in ratios.reshape(-1, 2)}
+    for r_lo, r_hi in pairs:
+        want = quantize_tensor(clamp_ends(ws, bs, r_lo, r_hi), "uint4", bs, axis=0)
+        pick = (ratios[..., 0] == r_lo) & (ratios[..., 1] == r_hi)
+        assert np.array_equal(qt.scales[pick], want.scales[pick])
+        assert np.array_equal(qt.zero_points[pick], want.zero_points[pick])
 
 
 @SETTINGS
@@ -106,8 +144,8 @@ def test_no_gain_keeps_the_unclipped_weight():
     """Channels 40x larger make the damping (a share of H's mean diagonal) dominate the other
     channels' scores, so no clip wins (or lowers the whole objective): plain AWQ is kept."""
     w, x = outlier_layer(0, factor=40.0)
-    plain = awq_scan(w, x, "uint4", 128, clip=False)
-    res = awq_scan(w, x, "uint4", 128)
+    plain = awq_scan(w, x, "int4", 128, clip=False)
+    res = awq_scan(w, x, "int4", 128)
     assert (res.clip_ratios == 1).all() and res.clip_loss == plain.loss
     assert np.array_equal(res.quantized.data, plain.quantized.data)
     assert np.array_equal(res.quantized.scales, plain.quantized.scales)

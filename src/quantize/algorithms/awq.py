@@ -6,10 +6,16 @@ and the layer input is divided by s, which leaves the float product unchanged:
 
     (x / s) @ (diag(s) W) == x @ W
 
-`awq_search` picks s = mean|x|^alpha (normalised so sqrt(max(s) * min(s)) = 1), alpha on a grid
-in [0, 1], minimising the calibration output error ||x W - (x / s) @ dq(Q(diag(s) W))||^2.
-alpha = 0 gives s = 1 exactly, which is plain round-to-nearest, and it is on the grid: the
-chosen s is never worse than rtn on that objective.
+`awq_search` picks s = mean|x|^alpha / m_w^beta (normalised so sqrt(max(s) * min(s)) = 1),
+minimising the calibration output error ||x W - (x / s) @ dq(Q(diag(s) W))||^2 over a grid:
+alpha = i/grid in [0, 1] with beta = 0 (the paper's activation-only family), and alpha on every
+second of those points for each beta in `WEIGHT_POWERS` (0.25 .. 1). m_w is the weight's own
+size per input row: the mean over output columns of |w| / (its block's max |w|), the weight
+factor of AutoAWQ's "duo scaling" (there tied as beta = 1 - alpha; here a 2-D grid). Rows whose
+weights are small relative to their block gain grid resolution from a larger s without widening
+the block's range; mean|x| alone cannot see that. alpha = beta = 0 gives s = 1 exactly, which
+is plain round-to-nearest, and it is on the grid: the chosen s is never worse than rtn (nor
+than the activation-only search) on that objective.
 
 The graph side: `awq_apply(weight, s)` is the weight to quantize (and to store), and the MatMul
 input must be multiplied by 1/s: a Mul node before the MatMul, or folded into whatever produces
@@ -21,7 +27,8 @@ block of the scaled weight (one output column, block_size input rows) may take a
 the block clamped to +-r * max|block|, r in `CLIP_RATIOS` (1 down to 0.55), then given the
 format's own parameters by `fmt.choose_params` (as the mse search does), so every scale and zero
 point is one the format stores. (For formats without a zero point that is the plain range
-ratio r; with one, as in AutoAWQ, only the side beyond r * max|block| moves.) Per block the
+ratio r; with one, each end moves on its own: the block clamped to [r_lo * min, r_hi * max],
+(r_lo, r_hi) on `CLIP_PAIR_RATIOS` x itself (1 down to 0.7, 49 pairs).) Per block the
 ratio with the least error of that block's share of the output,
 d_b^T H_bb d_b (H = X^T X over the calibration rows, d_b the block's weight error), wins, ties
 going to the larger range. The blocks' errors interact through H's off-diagonal blocks, which
@@ -33,6 +40,13 @@ calibration sets here are small, and with H alone the search chose clips that lo
 calibration error of every OCR-recogniser weight by 25-60% yet lost held-out accuracy. A gain
 term like mse's (the error along each block's own output) was tried and was no better there
 (`_CLIP_GAIN`, 0 = off). Figures: benchmarks/methods_real_models.md, "AWQ clipping search".
+
+The weight factor and the two-ended clip were chosen on a split of the calibration set (each
+weight fitted on the first half of its calibration rows, scored on the second; MiniLM, uint4,
+block 128: mean relative output error 0.00558 activation-only with AutoAWQ's one-sided clamp,
+0.00533 with the weight factor, 0.00494 with both; a finer alpha grid, clip ratios below 0.7
+and re-searching the scales with the chosen clips changed it by under 0.1%); held-out figures:
+benchmarks/methods_real_models.md, "AWQ: weight factor and two-ended clip".
 """
 
 from __future__ import annotations
@@ -47,7 +61,15 @@ from ..formats import get_format
 from ..tensor import QuantizedTensor
 from . import get_method
 
-__all__ = ["CLIP_RATIOS", "AwqSearch", "awq_apply", "awq_scan", "awq_search"]
+__all__ = [
+    "CLIP_PAIR_RATIOS",
+    "CLIP_RATIOS",
+    "WEIGHT_POWERS",
+    "AwqSearch",
+    "awq_apply",
+    "awq_scan",
+    "awq_search",
+]
 
 #: channels whose mean |x| is below this fraction of the largest are treated as this small, so
 #: a silent channel gets a small but finite scale rather than 0
@@ -57,6 +79,15 @@ _BATCH_BYTES = 32 << 20
 #: the range ratios the clipping search tries, 1 (the method's own choice) first; AutoAWQ's
 #: auto_clip shrinks by up to half on a 20-step grid, of which it tries the first 10 steps
 CLIP_RATIOS = 1.0 - np.arange(10) / 20
+#: formats with a zero point (uint4, ...): the clipping search clamps each end of a block on its
+#: own, the low end to r_lo * min and the high end to r_hi * max, r_lo and r_hi on this grid
+#: (7 x 7 pairs, (1, 1) first); deeper ratios were never chosen on MiniLM (module doc)
+CLIP_PAIR_RATIOS = 1.0 - np.arange(7) / 20
+#: the powers beta of the weight-magnitude factor the scale search tries (module doc)
+WEIGHT_POWERS = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: for beta > 0 the scale search tries every this-many-th alpha of its grid (cost; a finer
+#: alpha grid there lowered no held-back calibration error, module doc)
+_WEIGHT_ALPHA_STEP = 2
 #: bytes of per-block candidate errors (N x n_blocks x block float64) handled in one product
 _CLIP_BYTES = 16 << 20
 #: the clipping search scores blocks on H + damp * mean(diag H) * I, a prior against fitting the
@@ -68,7 +99,11 @@ _CLIP_GAIN = 0.0
 
 @dataclass(frozen=True)
 class AwqSearch:
-    """What `awq_scan` tried: scales (K,) float32, the chosen alpha, and every alpha's loss.
+    """What `awq_scan` tried: scales (K,) float32, the chosen alpha (and beta), and the losses.
+
+    alphas / losses: the alpha grid with beta = 0 (s = mean|x|^alpha) and its losses;
+    betas / grid_losses: every (beta, alpha) tried, (len(betas), len(alphas)), NaN where an
+    alpha was skipped (module doc); grid_losses[0] is losses.
 
     quantized: `quantize_tensor(awq_apply(weight, scales), ...)` as the search made it (along
     axis 0, with its format, block size, method and clip ratio), so callers need not redo it.
@@ -81,8 +116,13 @@ class AwqSearch:
     quantized: QuantizedTensor | None = None
     #: with clip=True: the chosen ratio of each block (N, n_blocks), all 1 if clipping did not
     #: lower the objective (then `quantized` is unclipped), and the objective of `quantized`
+    #: with pair clipping (formats with a zero point) the ratios are (N, n_blocks, 2): the low
+    #: end's and the high end's
     clip_ratios: np.ndarray | None = None
     clip_loss: float | None = None
+    beta: float = 0.0
+    betas: np.ndarray | None = None
+    grid_losses: np.ndarray | None = None
 
     @property
     def rtn_loss(self) -> float:
@@ -91,6 +131,9 @@ class AwqSearch:
 
     @property
     def loss(self) -> float:
+        """The least objective of the scale search (before clipping)."""
+        if self.grid_losses is not None:
+            return float(np.nanmin(self.grid_losses))
         return float(self.losses[int(np.argmin(self.losses))])
 
 
@@ -115,6 +158,34 @@ def _check_scales(s, k: int) -> np.ndarray:
     return arr
 
 
+def _check_powers(powers) -> np.ndarray:
+    """The betas to try: 0 first, then the given ones (finite, >= 0), sorted, no repeats."""
+    arr = as_real_array(powers, "weight_powers")
+    if arr.ndim != 1:
+        raise ValueError(f"weight_powers must be a 1-D sequence of numbers, got shape {arr.shape}")
+    check_finite(arr, "weight_powers")
+    if (arr < 0).any():
+        raise ValueError("weight_powers must be >= 0 everywhere")
+    return np.unique(np.concatenate([[0.0], arr.astype(np.float64)]))
+
+
+def _block_rows(block_size, k: int) -> int:
+    """The rows of one block along K as quantize_tensor counts them (None: the whole of K)."""
+    return k if block_size is None else max(1, min(int(block_size), k))
+
+
+def _weight_magnitude(w64: np.ndarray, bs: int) -> np.ndarray:
+    """m_w (K,): per input row, the mean over columns of |w| / the max |w| of its block."""
+    k, n = w64.shape
+    nb = -(-k // bs)
+    pad = np.zeros((nb * bs, n))
+    pad[:k] = np.abs(w64)
+    blocks = pad.reshape(nb, bs, n)
+    peak = blocks.max(axis=1, keepdims=True)
+    rel = np.divide(blocks, peak, out=np.zeros_like(blocks), where=peak > 0)
+    return rel.reshape(nb * bs, n)[:k].mean(axis=1)
+
+
 def _sample_rows(x: np.ndarray, max_rows: int) -> np.ndarray:
     """At most max_rows rows of x, a fixed random subset (the same on every call)."""
     if x.shape[0] <= max_rows:
@@ -134,11 +205,14 @@ def awq_scan(
     max_rows: int = 4096,
     clip_ratio: float = 1.0,
     clip: bool = True,
+    weight_powers=WEIGHT_POWERS,
 ) -> AwqSearch:
     """`awq_search` with its working: the alphas tried (i/grid, i = 0..grid) and their losses.
 
     clip: after the scale search, run the activation-aware clipping search (module doc); the
     result's `quantized` is then the clipped weight when that lowered the objective.
+    weight_powers: the betas of s = mean|x|^alpha / m_w^beta to try (module doc); beta = 0 is
+    always tried, so (0,) is the activation-only search.
     """
     w = prepare(weight, "weight")
     if w.ndim != 2:
@@ -155,6 +229,7 @@ def awq_scan(
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     clip_ratio = as_finite_float(clip_ratio, "clip_ratio")
+    betas = _check_powers(weight_powers)
     if not isinstance(clip, (bool, np.bool_)):
         raise TypeError(f"clip must be True or False, got {clip!r}")
     fmt = get_format(format)
@@ -181,45 +256,73 @@ def awq_scan(
     mean = np.abs(xs).mean(axis=0)
     top = float(mean.max())
     alphas = np.arange(grid + 1, dtype=np.float64) / grid
-    losses = np.empty(len(alphas))
+    grid_losses = np.full((len(betas), len(alphas)), np.nan)
+    # the weight's magnitude per input row, on the blocks quantize_tensor makes (any alpha's
+    # result tells their size; block_size may be "auto")
+    rtn_qt = quantize_tensor(w, fmt, block_size, axis=0, clip_ratio=clip_ratio, method=method)
+    mag = _weight_magnitude(w64, _block_rows(rtn_qt.block_size, k))
+    mag_top = float(mag.max())
     per_batch = max(1, _BATCH_BYTES // max(1, w64.nbytes))
-    pending: list[tuple[int, np.ndarray, QuantizedTensor, np.ndarray]] = []
+    pending: list[tuple[tuple[int, int], np.ndarray, QuantizedTensor, np.ndarray]] = []
     best = None
-    best_s, best_alpha, best_qt = np.ones(k, np.float32), 0.0, None
+    best_s, best_alpha, best_beta, best_qt = np.ones(k, np.float32), 0.0, 0.0, None
 
     def settle() -> None:
-        nonlocal best, best_s, best_alpha, best_qt
-        for (j, s, qt, _), value in zip(pending, losses_of([p[3] for p in pending]), strict=True):
-            losses[j] = value
-            if best is None or value < best:  # ties keep the smaller alpha (rtn first)
-                best, best_s, best_alpha, best_qt = value, s, float(alphas[j]), qt
+        nonlocal best, best_s, best_alpha, best_beta, best_qt
+        for (ij, s, qt, _), value in zip(pending, losses_of([p[3] for p in pending]), strict=True):
+            grid_losses[ij] = value
+            # ties keep the earlier candidate: rtn first, then beta = 0's alphas, then beta's
+            if best is None or value < best:
+                best, best_s, best_qt = value, s, qt
+                best_alpha, best_beta = float(alphas[ij[1]]), float(betas[ij[0]])
         pending.clear()
 
-    for j, alpha in enumerate(alphas):
-        if top == 0 or alpha == 0:
+    candidates = [(0, j) for j in range(len(alphas))]
+    if top > 0 and mag_top > 0:
+        # a silent weight (all zero) or silent inputs leave only s = 1: no weight factor then
+        candidates += [
+            (i, j) for i in range(1, len(betas)) for j in range(0, len(alphas), _WEIGHT_ALPHA_STEP)
+        ]
+    for i, j in candidates:
+        alpha, beta = float(alphas[j]), float(betas[i])
+        if top == 0 or (alpha == 0 and beta == 0):
             s = np.ones(k, np.float32)  # exactly rtn
+            qt = rtn_qt
         else:
             raw = np.maximum(mean, _FLOOR * top) ** alpha
+            if beta:
+                raw = raw / np.maximum(mag, _FLOOR * mag_top) ** beta
             s = (raw / np.sqrt(raw.max() * raw.min())).astype(np.float32)
-        qt = quantize_tensor(
-            awq_apply(w, s), fmt, block_size, axis=0, clip_ratio=clip_ratio, method=method
-        )
+            qt = quantize_tensor(
+                awq_apply(w, s), fmt, block_size, axis=0, clip_ratio=clip_ratio, method=method
+            )
         # (x / s) @ Ŵ_s == x @ (Ŵ_s / s[:, None])
         d = w64 - qt.dequantize(np.float64) / s.astype(np.float64)[:, None]
-        pending.append((j, s, qt, d))
+        pending.append(((i, j), s, qt, d))
         if top == 0:  # every alpha is s = 1
             settle()
-            losses[j + 1 :] = losses[j]
+            grid_losses[0, j + 1 :] = grid_losses[0, j]
             break
         if len(pending) >= per_batch:
             settle()
     if pending:
         settle()
+    losses = grid_losses[0].copy()
     ratios = clip_loss = None
     if clip and best_qt is not None:
         hb = _diag_blocks(xs, h, best_qt.block_size)
         best_qt, ratios, clip_loss = _clip_search(
-            w, w64, best_s, best_qt, fmt, clip_ratio, method, hb, best, losses_of
+            w,
+            w64,
+            best_s,
+            best_qt,
+            fmt,
+            clip_ratio,
+            method,
+            hb,
+            best,
+            losses_of,
+            pairs=fmt.zero_point is not None and best_qt.tensor_scale is None,
         )
     return AwqSearch(
         scales=best_s,
@@ -229,20 +332,31 @@ def awq_scan(
         quantized=best_qt,
         clip_ratios=ratios,
         clip_loss=clip_loss,
+        beta=best_beta,
+        betas=betas,
+        grid_losses=grid_losses,
     )
+
+
+def _clip_pairs() -> np.ndarray:
+    """(P, 2) the (r_lo, r_hi) pairs of the pair clipping search, (1, 1) first."""
+    r = CLIP_PAIR_RATIOS
+    return np.stack(np.meshgrid(r, r, indexing="ij"), axis=-1).reshape(-1, 2)
 
 
 class _BlockRatios:
     """A method giving each block its own range: candidate 0 is `base`'s choice, candidate i
-    the format's rule on the block clamped to +-CLIP_RATIOS[i] * max|block|; `index` is one
-    candidate for every block or an (N, n_blocks) array of them."""
+    the format's rule on the block clamped to +-CLIP_RATIOS[i] * max|block| (or, with pairs,
+    to [r_lo * min, r_hi * max] for the pair i of `_clip_pairs`); `index` is one candidate for
+    every block or an (N, n_blocks) array of them."""
 
     name = "awq-clip"
     description = "per block, the range ratio the activation-aware clipping search chose"
 
-    def __init__(self, base, index):
+    def __init__(self, base, index, pairs: bool = False):
         self.base = base
         self.index = index
+        self.pairs = _clip_pairs() if pairs else None
         self.masks_padding = getattr(base, "masks_padding", False)
 
     def _candidate(self, i, fmt, blocks, tensor_scale, clip_ratio, kw):
@@ -253,6 +367,13 @@ class _BlockRatios:
         # more of the block's gain than shrinking both ends (OCR recogniser, module doc). A
         # format with a tensor scale (nvfp4) derives it from the blocks it is given, so there
         # the clamped range goes in as a ratio instead (the same range for its absmax rule).
+        if self.pairs is not None:
+            # each end on its own: a zero point lets the grid follow an uneven range
+            zero = blocks.dtype.type(0)
+            r_lo, r_hi = (blocks.dtype.type(v) for v in self.pairs[i])
+            lo = np.minimum(blocks.min(axis=-1, keepdims=True), zero) * r_lo
+            hi = np.maximum(blocks.max(axis=-1, keepdims=True), zero) * r_hi
+            return fmt.choose_params(np.clip(blocks, lo, hi), clip_ratio)
         r = float(CLIP_RATIOS[i])
         if tensor_scale is not None:
             return fmt.choose_params(blocks, clip_ratio * r)
@@ -322,13 +443,18 @@ def _block_errors(hb: np.ndarray, d: np.ndarray, w: np.ndarray) -> np.ndarray:
     return out
 
 
-def _clip_search(w, w64, s, qt0, fmt, clip_ratio, method, hb, loss0, losses_of):
-    """(quantized, ratios, loss): AWQ's clipping search on the scaled weight (module doc)."""
+def _clip_search(w, w64, s, qt0, fmt, clip_ratio, method, hb, loss0, losses_of, pairs=False):
+    """(quantized, ratios, loss): AWQ's clipping search on the scaled weight (module doc).
+
+    pairs: clamp each end of a block on its own (`CLIP_PAIR_RATIOS`); ratios are then
+    (N, n_blocks, 2), the low end's and the high end's.
+    """
     base = get_method(method)
     scaled = awq_apply(w, s)
     inv = 1.0 / s.astype(np.float64)[:, None]
+    table = _clip_pairs() if pairs else CLIP_RATIOS
     errs = []
-    for i in range(len(CLIP_RATIOS)):
+    for i in range(len(table)):
         qt = (
             qt0
             if i == 0
@@ -338,12 +464,12 @@ def _clip_search(w, w64, s, qt0, fmt, clip_ratio, method, hb, loss0, losses_of):
                 qt0.block_size,
                 axis=0,
                 clip_ratio=clip_ratio,
-                method=_BlockRatios(base, i),
+                method=_BlockRatios(base, i, pairs),
             )
         )
         errs.append(_block_errors(hb, w64 - qt.dequantize(np.float64) * inv, w64))
     idx = np.argmin(np.stack(errs), axis=0)  # the first minimum: ties keep the larger range
-    ones = np.ones(idx.shape, np.float32)
+    ones = np.ones(idx.shape + table.shape[1:], np.float32)
     if not idx.any():
         return qt0, ones, loss0
     qt = quantize_tensor(
@@ -352,12 +478,12 @@ def _clip_search(w, w64, s, qt0, fmt, clip_ratio, method, hb, loss0, losses_of):
         qt0.block_size,
         axis=0,
         clip_ratio=clip_ratio,
-        method=_BlockRatios(base, idx),
+        method=_BlockRatios(base, idx, pairs),
     )
     loss = losses_of([w64 - qt.dequantize(np.float64) * inv])[0]
     if not loss < loss0:  # the blocks' interactions undid the gain: keep the unclipped weight
         return qt0, ones, loss0
-    return qt, CLIP_RATIOS[idx].astype(np.float32), loss
+    return qt, table[idx].astype(np.float32), loss
 
 
 def awq_search(
@@ -371,6 +497,7 @@ def awq_search(
     max_rows: int = 4096,
     clip_ratio: float = 1.0,
     clip: bool = True,
+    weight_powers=WEIGHT_POWERS,
 ) -> np.ndarray:
     """AWQ scales s (K,) float32 > 0 for a (K, N) weight from activations x (..., K).
 
@@ -387,4 +514,5 @@ def awq_search(
         max_rows=max_rows,
         clip_ratio=clip_ratio,
         clip=clip,
+        weight_powers=weight_powers,
     ).scales
