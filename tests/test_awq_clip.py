@@ -165,3 +165,21 @@ def test_clip_argument_is_checked():
     w, x = outlier_layer(3, k=32, n=4, rows=8)
     with pytest.raises(TypeError, match="clip"):
         awq_scan(w, x, "int4", 32, clip="yes")
+
+
+def test_awq_clip_checks_its_arguments():
+    from quantize.algorithms.awq import awq_clip
+
+    w = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    h = np.eye(64)
+    with pytest.raises(ValueError, match="h must have shape"):
+        awq_clip(w, h[:10], "int4", 16)
+    with pytest.raises(ValueError, match="h"):
+        awq_clip(w, np.full((64, 64), np.nan), "int4", 16)
+    with pytest.raises(ValueError, match="col_weights must have shape"):
+        awq_clip(w, h, "int4", 16, col_weights=np.ones(3))
+    with pytest.raises(ValueError, match="2-D"):
+        awq_clip(w[0], h, "int4", 16)
+    qt, ratios, loss = awq_clip(w, np.zeros((64, 64)), "uint4", 16)
+    assert qt.shape == (64, 8)
+    assert ratios.shape == (8, 4, 2) and (ratios == 1).all() and loss == 0.0

@@ -285,8 +285,9 @@ def test_awq_gptq_runs_and_beats_awq(tmp_path):
 
 def test_clip_search_is_awq_py_search_and_never_worse():
     # on a folded-style weight: the clipped result's whole (row-weighted) objective is at most
-    # the unclipped one's; ratios are awq.py's grid; an all-zero H leaves nothing to choose
-    from quantize.algorithms.awq import CLIP_RATIOS
+    # the unclipped one's; ratios are awq.py's grid (each end on its own for uint4, whose
+    # range has two); an all-zero H leaves nothing to choose
+    from quantize.algorithms.awq import CLIP_PAIR_RATIOS, CLIP_RATIOS
     from quantize.io.awq_fold import clip_search
 
     rng = np.random.default_rng(5)
@@ -297,8 +298,11 @@ def test_clip_search_is_awq_py_search_and_never_worse():
     for fmt in ("int4", "uint4", "nvfp4"):
         qt, ratios = clip_search(w, h, fmt, 16, row_weights=rw)
         plain = quantize.quantize_tensor(w, fmt, 16, axis=-1)
-        assert qt.shape == w.shape and qt.axis == 1 and ratios.shape == (48, 4)
-        assert set(np.unique(ratios)) <= set(CLIP_RATIOS.astype(np.float32))
+        two_ends = fmt == "uint4"
+        assert qt.shape == w.shape and qt.axis == 1
+        assert ratios.shape == ((48, 4, 2) if two_ends else (48, 4))
+        grid = CLIP_PAIR_RATIOS if two_ends else CLIP_RATIOS
+        assert set(np.unique(ratios)) <= set(grid.astype(np.float32))
 
         def err(q, h=h):
             d = w.astype(np.float64) - q.dequantize(np.float64)

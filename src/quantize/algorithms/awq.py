@@ -67,6 +67,7 @@ __all__ = [
     "WEIGHT_POWERS",
     "AwqSearch",
     "awq_apply",
+    "awq_clip",
     "awq_scan",
     "awq_search",
 ]
@@ -322,7 +323,7 @@ def awq_scan(
             hb,
             best,
             losses_of,
-            pairs=fmt.zero_point is not None and best_qt.tensor_scale is None,
+            pairs=_pairs_for(fmt, best_qt),
         )
     return AwqSearch(
         scales=best_s,
@@ -484,6 +485,55 @@ def _clip_search(w, w64, s, qt0, fmt, clip_ratio, method, hb, loss0, losses_of, 
     if not loss < loss0:  # the blocks' interactions undid the gain: keep the unclipped weight
         return qt0, ones, loss0
     return qt, table[idx].astype(np.float32), loss
+
+
+def _pairs_for(fmt, qt: QuantizedTensor) -> bool:
+    """Clamp each end of a block on its own? For formats with a zero point (and no tensor
+    scale), whose range has two ends (module doc)."""
+    return fmt.zero_point is not None and qt.tensor_scale is None
+
+
+def awq_clip(
+    weight: np.ndarray,
+    h: np.ndarray,
+    format: str = "int4",
+    block_size: int | str | None = "auto",
+    *,
+    method: str = "rtn",
+    clip_ratio: float = 1.0,
+    col_weights: np.ndarray | None = None,
+) -> tuple[QuantizedTensor, np.ndarray, float]:
+    """(quantized, ratios, loss): AWQ's clipping search alone (module doc), on a (K, N) weight
+    whose scales are already applied (or s = 1), quantized along K, scored on H (K, K) = X^T X.
+
+    The objective is sum_j col_weights[j] * (D^T H D)_jj (D the weight's error; col_weights 1
+    each by default): quantized is the clipped weight only if that is lower than without
+    clipping. ratios: the blocks' range ratios (N, n_blocks), or for formats with a zero point
+    (N, n_blocks, 2), the low end's and the high end's; all 1 when nothing was clipped.
+    """
+    w = prepare(weight, "weight")
+    if w.ndim != 2:
+        raise ValueError(f"weight must be 2-D (K, N), got shape {w.shape}")
+    k, n = w.shape
+    hh = np.asarray(h, np.float64)
+    if hh.shape != (k, k):
+        raise ValueError(f"h must have shape ({k}, {k}), got {hh.shape}")
+    check_finite(hh, "h")
+    cw = np.ones(n) if col_weights is None else np.asarray(col_weights, np.float64)
+    if cw.shape != (n,):
+        raise ValueError(f"col_weights must have shape ({n},), got {cw.shape}")
+    fmt = get_format(format)
+    w64 = w.astype(compute_dtype(w.dtype)).astype(np.float64)
+    qt0 = quantize_tensor(w, fmt, block_size, axis=0, clip_ratio=clip_ratio, method=method)
+
+    def losses_of(ds: list[np.ndarray]) -> list[float]:
+        return [float(np.sum((hh @ d) * d * cw)) for d in ds]
+
+    loss0 = losses_of([w64 - qt0.dequantize(np.float64)])[0]
+    hb = _diag_blocks(np.empty((0, k)), hh, qt0.block_size)  # rows unused when H is given
+    ones = np.ones(k, np.float32)
+    pairs = _pairs_for(fmt, qt0)
+    return _clip_search(w, w64, ones, qt0, fmt, clip_ratio, method, hb, loss0, losses_of, pairs)
 
 
 def awq_search(

@@ -318,7 +318,8 @@ class AwqFold:
             if not err_clip < _weighted_error(arr, qt, h, weights):
                 return qt, used, None
             used = "rtn"
-        return clipped, used, float(np.mean(ratios < 1))
+        shrunk = (ratios < 1).reshape(ratios.shape[0], ratios.shape[1], -1).any(axis=2)
+        return clipped, used, float(np.mean(shrunk))
 
     def fields(self, name, w0, h0, qt, used, rtn, clipped: float | None = None) -> dict:
         """A quantized weight's report fields: method, awq group/alpha, the share of blocks
@@ -407,40 +408,27 @@ def clip_search(
     clip_ratio: float = 1.0,
     row_weights: np.ndarray | None = None,
 ) -> tuple:
-    """(quantized, ratios): awq.py's clipping search on an (out, in) weight quantized along
-    `in` (its AWQ scales already folded in), scored on H (in, in) = X^T X of its inputs.
+    """(quantized, ratios): `awq.awq_clip` on an (out, in) weight quantized along `in` (its AWQ
+    scales already folded in), scored on H (in, in) = X^T X of its inputs.
 
     quantized is an (out, in) QuantizedTensor (axis 1), the unclipped result unless clipping
     lowers the whole output error sum_j row_weights[j] * (D H D^T)_jj (row_weights: 1 each by
-    default); ratios (out, n_blocks) float32 are the blocks' range ratios, all 1 then.
+    default); ratios (out, n_blocks) float32 are the blocks' range ratios ((out, n_blocks, 2),
+    the low end's and the high end's, for formats with a zero point), all 1 then.
     """
-    # awq.py's own search with s = 1: the scales are already in the weight
-    from ..algorithms.awq import _clip_search, _diag_blocks
-    from ..core import compute_dtype, quantize_tensor
-    from ..formats import get_format
+    from ..algorithms.awq import awq_clip
 
     w = np.asarray(weight)
     if w.ndim != 2:
         raise ValueError(f"weight must be 2-D (out, in), got shape {w.shape}")
-    k, n = w.shape[1], w.shape[0]
-    hh = np.asarray(h, np.float64)
-    if hh.shape != (k, k):
-        raise ValueError(f"h must have shape ({k}, {k}), got {hh.shape}")
-    cw = np.ones(n) if row_weights is None else np.asarray(row_weights, np.float64)
-    if cw.shape != (n,):
-        raise ValueError(f"row_weights must have shape ({n},), got {cw.shape}")
-    fmt = get_format(format)
-    w_kn = w.T
-    w64 = w_kn.astype(compute_dtype(w.dtype)).astype(np.float64)
-    qt0 = quantize_tensor(w_kn, fmt, block_size, axis=0, clip_ratio=clip_ratio, method=method)
-
-    def losses_of(ds: list[np.ndarray]) -> list[float]:
-        return [float(np.sum((hh @ d) * d * cw)) for d in ds]
-
-    loss0 = losses_of([w64 - qt0.dequantize(np.float64)])[0]
-    hb = _diag_blocks(np.empty((0, k)), hh, qt0.block_size)  # rows unused when H is given
-    qt, ratios, _ = _clip_search(
-        w_kn, w64, np.ones(k, np.float32), qt0, fmt, clip_ratio, method, hb, loss0, losses_of
+    qt, ratios, _ = awq_clip(
+        w.T,
+        h,
+        format,
+        block_size,
+        method=method,
+        clip_ratio=clip_ratio,
+        col_weights=row_weights,
     )
     qt = dataclasses.replace(qt, shape=tuple(qt.shape[::-1]), axis=1 - qt.axis)
     return qt, np.asarray(ratios, np.float32)
