@@ -22,12 +22,15 @@ scales (negative where the zero point is 7). Its grid is then int4's, -8..7 step
 scale, so the ranking lanes are int4's; only the exact check (`_exact2`) and the codes use ORT's
 own rule (`_code_ort`: x * (1 / signed scale) + 8 rounded half up, its divide fallback). Twice
 int4's candidates, so the parts that int4 can leave to numba are written for speed here:
-the ranking pass in explicit 16-lane IR (`_make_scan_ir`: one AVX-512 op per 16 candidates where
-numba's own loop stays 8-lane), the candidates' divisions without numba's zero checks (`_fdiv`,
-so their loops vectorise), the argmin as integer reductions (`_first_least`), and the exact
-check skipped where its outcome is certain (`_ort_sure`: the approximate scores far enough
-apart and no element's code differing between the two roundings; measured on one thread,
-1024x4096 normal: 61 -> 56 ms at block 32, 50 -> 43 ms at block 128).
+the candidates' divisions without numba's zero checks (`_fdiv`, so their loops vectorise) and
+the argmin as integer reductions (`_first_least`). All three formats rank in explicit IR
+(`_make_scan_ir`: one AVX-512 op per 16 candidates where numba's own loop stays 8-lane; uint4's
+clamp to per-lane bounds -zp, 15 - zp, two operations fewer per candidate), and skip the exact
+check where its outcome is certain (`_sure`: the approximate scores far enough apart and no
+element's code differing between the two roundings). Measured on one thread, 1024x4096 normal,
+CPU ms: int4_ort 61 -> 56 (block 32), 50 -> 43 (block 128) from `_sure` and the first;
+the IR ranking and `_sure` for int4/uint4 (uint4 with its default dc and gain weights):
+int4 33 -> 31 / 23 -> 20, uint4 59 -> 42 / 42 -> 30 (blocks 32 / 128).
 
 Codes are clamped in float before the conversion to int, so a tiny clip_ratio (x / scale far
 beyond the int32 range) still gives NumPy's clipped code.
@@ -75,7 +78,6 @@ _NORMAL_SAFE = np.float32(2.0**-120)
 _F32 = ir.FloatType()
 _F64 = ir.DoubleType()
 _VW = 16
-_VF = ir.VectorType(_F32, _VW)
 
 
 @intrinsic
@@ -111,50 +113,26 @@ def _uint4_deq(v, scale, zpf):
     return (_uint4_code(v, scale, zpf) - zpf) * scale
 
 
-@njit(inline="always")
-def _lane_d(v, inv, scale, zpf, signed):
-    """The float32 decoding error of v at one candidate: codes rint(v * inv), clipped."""
-    if signed:
-        return min(max(np.rint(v * inv), np.float32(-8.0)), _SEVEN) * scale - v
-    c = min(max(np.rint(v * inv) + zpf, _ZERO), _FIFTEEN)
-    return (c - zpf) * scale - v
+def _make_scan_ir(widths: tuple, gain: bool, sumsq: bool, signed: bool = True):
+    """One pass over a block for sum(widths) candidates, in explicit LLVM IR on float32 vectors
+    of the given widths (lanes in order, e.g. (16, 8) for 24): per element v and lane, the
+    decoding error d = clamp(rint(v * inv), lo, hi) * scale - v (signed: [-8, 7]; else
+    [-zp, 15 - zp], which equals uint4's (clamp(rint(v * inv) + zp, 0, 15) - zp) exactly, in
+    two operations fewer), then a += d * d, b += d and with `gain` c += d * v, in float32, in
+    order of the elements, no fusing, the clamps as numba's max/min selects, the accumulators
+    in registers (the sum over elements stays in order: only the candidates are vectorised).
+    numba's own loop is legalised to 8-lane AVX2 operations even on AVX-512 hosts (LLVM
+    prefers 256-bit vectors there); an explicit 16-lane vector becomes one AVX-512 operation,
+    or two AVX2 ones, which halves the ranking pass (int4_ort: 48 lanes).
 
-
-@njit(inline="always")
-def _scan(xb, s_, i_, z_, a_, b_, c_, signed, gain, sumsq):
-    """One pass over the block for _LANES candidates: a_ += d^2, b_ += d and, with `gain`,
-    c_ += d * x (signed, gain, sumsq: constants where it is inlined, so each variant is a plain
-    loop). Returns, with `sumsq`, the block's sum(x^2) (float64, in order; else 0): the gain
-    factor's sum, a scalar chain that runs in the shadow of the vectorised candidates' work
-    instead of in a pass of its own."""
-    q = 0.0
-    for j in range(xb.shape[0]):
-        v = _load(xb, j)
-        if sumsq:
-            q += np.float64(v) * np.float64(v)
-        for k in range(_LANES):
-            d = _lane_d(v, i_[k], s_[k], z_[k], signed)
-            a_[k] += d * d
-            b_[k] += d
-            if gain:
-                c_[k] += d * v
-    return q
-
-
-def _make_scan_ir(nvec: int, gain: bool, sumsq: bool):
-    """`_scan` for signed lanes as explicit LLVM IR on nvec 16-lane float32 vectors: the same
-    operations in the same order per lane (v * inv, rint, clamp to [-8, 7], * scale, - v, then
-    a += d * d, b += d and with `gain` c += d * v, no fusing), so the same bits, with the
-    accumulators in registers. numba's own loop is legalised to 8-lane AVX2 operations even on
-    AVX-512 hosts (LLVM prefers 256-bit vectors there); an explicit 16-lane vector becomes one
-    AVX-512 operation, or two AVX2 ones, which halves int4_ort's ranking pass (48 lanes).
-
-    (xb, sk, ik, acc, acc1, acc2) -> float64 sum(x^2) in order with `sumsq`, else 0; sk, ik,
-    acc* hold at least 16 * nvec float32 lanes (contiguous)."""
+    (xb, sk, ik, zk, acc, acc1, acc2) -> float64 sum(x^2) in order with `sumsq`, else 0; sk,
+    ik, zk (read only when not `signed`), acc* hold at least sum(widths) float32 lanes
+    (contiguous)."""
+    offs = [sum(widths[:k]) for k in range(len(widths))]
 
     @intrinsic
-    def scan(typingctx, xb, sk, ik, acc, acc1, acc2):
-        sig = types.float64(xb, sk, ik, acc, acc1, acc2)
+    def scan(typingctx, xb, sk, ik, zk, acc, acc1, acc2):
+        sig = types.float64(xb, sk, ik, zk, acc, acc1, acc2)
 
         def codegen(context, builder, sig, args):
             arrs = [
@@ -163,38 +141,58 @@ def _make_scan_ir(nvec: int, gain: bool, sumsq: bool):
             ]
             i32 = ir.IntType(32)
 
-            def vptr(i, k):  # the k-th 16-lane vector of argument i
-                p = builder.bitcast(arrs[i].data, _VF.as_pointer())
-                return builder.gep(p, [ir.Constant(i32, k)])
+            def vptr(i, k):  # the k-th vector of argument i
+                p = builder.gep(arrs[i].data, [ir.Constant(i32, offs[k])])
+                return builder.bitcast(p, ir.VectorType(_F32, widths[k]).as_pointer())
 
-            s = [builder.load(vptr(1, k), align=4) for k in range(nvec)]
-            inv = [builder.load(vptr(2, k), align=4) for k in range(nvec)]
-            zero = ir.Constant(_VF, [0.0] * _VW)
-            sums = [[cgutils.alloca_once_value(builder, zero) for _ in range(nvec)]
+            def splat(k, x):
+                return ir.Constant(ir.VectorType(_F32, widths[k]), [x] * widths[k])
+
+            nv = len(widths)
+            s = [builder.load(vptr(1, k), align=4) for k in range(nv)]
+            inv = [builder.load(vptr(2, k), align=4) for k in range(nv)]
+            if signed:
+                lo = [splat(k, -8.0) for k in range(nv)]
+                hi = [splat(k, 7.0) for k in range(nv)]
+            else:  # clamp(rint(y) + zp, 0, 15) - zp == clamp(rint(y), -zp, 15 - zp), exactly
+                zp = [builder.load(vptr(3, k), align=4) for k in range(nv)]
+                lo = [builder.fsub(splat(k, 0.0), zp[k]) for k in range(nv)]
+                hi = [builder.fsub(splat(k, 15.0), zp[k]) for k in range(nv)]
+            sums = [[cgutils.alloca_once_value(builder, splat(k, 0.0)) for k in range(nv)]
                     for _ in range(3)]  # fmt: skip
             q = cgutils.alloca_once_value(builder, ir.Constant(_F64, 0.0))
-            rint = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_VF, [_VF]), "llvm.rint.v16f32"
-            )
-            lo = ir.Constant(_VF, [-8.0] * _VW)
-            hi = ir.Constant(_VF, [7.0] * _VW)
-            undef = ir.Constant(_VF, ir.Undefined)
-            bcast = ir.Constant(ir.VectorType(i32, _VW), [0] * _VW)
+            rint = []
+            for w in widths:
+                vt = ir.VectorType(_F32, w)
+                rint.append(cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(vt, [vt]), f"llvm.rint.v{w}f32"
+                ))  # fmt: skip
             n = builder.extract_value(arrs[0].shape, 0)
             with cgutils.for_range(builder, n) as loop:
-                ptr = cgutils.get_item_pointer(context, builder, sig.args[0], arrs[0], [loop.index])
-                v = builder.load(ptr)
+                if sig.args[0].dtype == types.float32:
+                    ptr = cgutils.get_item_pointer(
+                        context, builder, sig.args[0], arrs[0], [loop.index]
+                    )
+                    v = builder.load(ptr)
+                else:  # (float16, bfloat16 bits: `_load`'s conversion)
+                    v = context.compile_internal(
+                        builder, lambda a, i: _load(a, i),
+                        types.float32(sig.args[0], types.intp), [args[0], loop.index],
+                    )  # fmt: skip
                 if sumsq:
                     w = builder.fpext(v, _F64)
                     builder.store(builder.fadd(builder.load(q), builder.fmul(w, w)), q)
-                vb = builder.shuffle_vector(
-                    builder.insert_element(undef, v, ir.Constant(i32, 0)), undef, bcast
-                )
-                for k in range(nvec):
-                    c = builder.call(rint, [builder.fmul(vb, inv[k])])
-                    # max(c, -8) then min(., 7), as numba's max/min (no NaN here: x, inv finite)
-                    c = builder.select(builder.fcmp_ordered(">", c, lo), c, lo)
-                    c = builder.select(builder.fcmp_ordered("<", c, hi), c, hi)
+                for k in range(nv):
+                    vt = ir.VectorType(_F32, widths[k])
+                    undef = ir.Constant(vt, ir.Undefined)
+                    vb = builder.shuffle_vector(
+                        builder.insert_element(undef, v, ir.Constant(i32, 0)), undef,
+                        ir.Constant(ir.VectorType(i32, widths[k]), [0] * widths[k]),
+                    )  # fmt: skip
+                    c = builder.call(rint[k], [builder.fmul(vb, inv[k])])
+                    # numba's max(c, lo) then min(., hi): lo if lo > c else c, ...
+                    c = builder.select(builder.fcmp_ordered(">", lo[k], c), lo[k], c)
+                    c = builder.select(builder.fcmp_ordered("<", hi[k], c), hi[k], c)
                     d = builder.fsub(builder.fmul(c, s[k]), vb)
                     a0, a1, a2 = sums[0][k], sums[1][k], sums[2][k]
                     builder.store(builder.fadd(builder.load(a0), builder.fmul(d, d)), a0)
@@ -202,8 +200,8 @@ def _make_scan_ir(nvec: int, gain: bool, sumsq: bool):
                     if gain:
                         builder.store(builder.fadd(builder.load(a2), builder.fmul(d, vb)), a2)
             for i in range(3):
-                for k in range(nvec):
-                    builder.store(builder.load(sums[i][k]), vptr(3 + i, k), align=4)
+                for k in range(nv):
+                    builder.store(builder.load(sums[i][k]), vptr(4 + i, k), align=4)
             return builder.load(q)
 
         return sig, codegen
@@ -211,9 +209,18 @@ def _make_scan_ir(nvec: int, gain: bool, sumsq: bool):
     return scan
 
 
-_ort_scan = _make_scan_ir(_ORT_LANES // _VW, False, False)
-_ort_scan_gain = _make_scan_ir(_ORT_LANES // _VW, True, False)
-_ort_scan_gain_sumsq = _make_scan_ir(_ORT_LANES // _VW, True, True)
+_ORT_W = (_VW,) * (_ORT_LANES // _VW)
+_ort_scan = _make_scan_ir(_ORT_W, False, False)
+_ort_scan_gain = _make_scan_ir(_ORT_W, True, False)
+_ort_scan_gain_sumsq = _make_scan_ir(_ORT_W, True, True)
+#: int4/uint4's _LANES candidates: one 16-lane vector and one 8-lane one
+_W = (_VW, _LANES - _VW)
+_int4_scan = _make_scan_ir(_W, False, False)
+_int4_scan_gain = _make_scan_ir(_W, True, False)
+_int4_scan_gain_sumsq = _make_scan_ir(_W, True, True)
+_uint4_scan = _make_scan_ir(_W, False, False, False)
+_uint4_scan_gain = _make_scan_ir(_W, True, False, False)
+_uint4_scan_gain_sumsq = _make_scan_ir(_W, True, True, False)
 
 
 @njit(inline="always")
@@ -225,30 +232,32 @@ def _approx_all(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, signed, ort=F
     the weight `gain` (0: no gain term). Returns gw.
 
     Candidates are the inner loop: each element is loaded once and scored against _LANES of
-    them, a float32 map with a constant trip count that LLVM vectorises whole (a sum over the
-    elements would not vectorise without reassociation, and there is no fast-math here)."""
-    if not ort:  # (the IR scan starts its sums in registers and stores them)
-        for k in range(sk.shape[0]):
-            acc[k] = _ZERO
-            acc1[k] = _ZERO
-            acc2[k] = _ZERO
-    q = 0.0
+    them (int4_ort: _ORT_LANES) as float32 vectors, `_make_scan_ir` (a sum over the elements
+    would not vectorise without reassociation, and there is no fast-math here)."""
+    q = 0.0  # (the IR scans start their sums in registers and store them)
     for p0 in range(0, sk.shape[0], _ORT_LANES if ort else _LANES):
         s_, i_, z_ = sk[p0:], ik[p0:], zk[p0:]
         a_, b_, c_ = acc[p0:], acc1[p0:], acc2[p0:]
-        if ort:  # (int4_ort: the signed lanes in explicit 16-lane IR, `_make_scan_ir`)
+        if ort:  # (int4_ort: 48 signed lanes, `_make_scan_ir`)
             if gain == 0.0:
-                _ort_scan(xb, s_, i_, a_, b_, c_)
+                _ort_scan(xb, s_, i_, z_, a_, b_, c_)
             elif p0 == 0:
-                q = _ort_scan_gain_sumsq(xb, s_, i_, a_, b_, c_)
+                q = _ort_scan_gain_sumsq(xb, s_, i_, z_, a_, b_, c_)
             else:
-                _ort_scan_gain(xb, s_, i_, a_, b_, c_)
+                _ort_scan_gain(xb, s_, i_, z_, a_, b_, c_)
+        elif signed:  # (int4, uint4: 24 lanes, 16 + 8)
+            if gain == 0.0:
+                _int4_scan(xb, s_, i_, z_, a_, b_, c_)
+            elif p0 == 0:
+                q = _int4_scan_gain_sumsq(xb, s_, i_, z_, a_, b_, c_)
+            else:
+                _int4_scan_gain(xb, s_, i_, z_, a_, b_, c_)
         elif gain == 0.0:
-            _scan(xb, s_, i_, z_, a_, b_, c_, signed, False, False)
+            _uint4_scan(xb, s_, i_, z_, a_, b_, c_)
         elif p0 == 0:
-            q = _scan(xb, s_, i_, z_, a_, b_, c_, signed, True, True)
+            q = _uint4_scan_gain_sumsq(xb, s_, i_, z_, a_, b_, c_)
         else:
-            _scan(xb, s_, i_, z_, a_, b_, c_, signed, True, False)
+            _uint4_scan_gain(xb, s_, i_, z_, a_, b_, c_)
     # `mse.gain_factor`; a block of zeros (q == 0) has sum(d x) == 0 and gets factor 0
     gw = (gain * np.float64(xb.shape[0])) / q if q > 0.0 else 0.0
     if ort:  # (`_ort_scores` finishes them, with the keys `_first_least` ranks)
@@ -397,12 +406,13 @@ def _first_least(keys, m):
 
 
 @njit(inline="always")
-def _ort_sure(xb, sa, ia, sb, ib, score_a, score_b, dcw, gain, gw):
+def _sure(xb, sa, ia, za, sb, ib, zb, score_a, score_b, dcw, gain, gw, signed, ort):
     """True when candidate a's exact `search_error` is certainly below candidate b's, so that
     `_exact2` (whose sums are a latency-bound float64 chain) need not run: the approximate
     scores differ by more than the approximation's error bound, and no element's code differs
-    between the ranking's rint(x / s) and ORT's rounding (near-ties; a different code moves
-    sum(e) by a whole step, which no relative bound covers). False decides nothing.
+    between the ranking's rint(x * (1 / s)) and the format's own rounding (int4, uint4:
+    rint(x / s); int4_ort: ORT's; near-ties: a different code moves sum(e) by a whole step,
+    which no relative bound covers). False decides nothing.
 
     With equal codes the decoded values are equal, and each float32 difference is the exact
     one within 2^-24 (relative); float32 sums of n terms are then within g = (n + 8) 2^-24
@@ -427,13 +437,26 @@ def _ort_sure(xb, sa, ia, sb, ib, score_a, score_b, dcw, gain, gw):
     if not score_a * (1.0 + rel) < score_b * (1.0 - rel):
         return False
     differ = False
-    for j in range(n):  # (a map and an or-reduction: vectorises)
+    for j in range(n):  # (maps and an or-reduction: they vectorise)
         v = _load(xb, j)
         ya = v * ia
         yb = v * ib
-        ca = min(max(np.rint(ya), np.float32(-8.0)), _SEVEN) + _EIGHT
-        cb = min(max(np.rint(yb), np.float32(-8.0)), _SEVEN) + _EIGHT
-        differ = differ | (_ort_q(ya) != ca) | (_ort_q(yb) != cb)
+        if ort:
+            ca = min(max(np.rint(ya), np.float32(-8.0)), _SEVEN) + _EIGHT
+            cb = min(max(np.rint(yb), np.float32(-8.0)), _SEVEN) + _EIGHT
+            differ = differ | (_ort_q(ya) != ca) | (_ort_q(yb) != cb)
+        elif signed:  # (`_int4_code`'s division; the scales are never 0)
+            ca = min(max(np.rint(ya), np.float32(-8.0)), _SEVEN)
+            cb = min(max(np.rint(yb), np.float32(-8.0)), _SEVEN)
+            qa = min(max(np.rint(_fdiv(v, sa)), np.float32(-8.0)), _SEVEN)
+            qb = min(max(np.rint(_fdiv(v, sb)), np.float32(-8.0)), _SEVEN)
+            differ = differ | (qa != ca) | (qb != cb)
+        else:  # (`_uint4_code`)
+            ca = min(max(np.rint(ya) + za, _ZERO), _FIFTEEN)
+            cb = min(max(np.rint(yb) + zb, _ZERO), _FIFTEEN)
+            qa = min(max(np.rint(_fdiv(v, sa)) + za, _ZERO), _FIFTEEN)
+            qb = min(max(np.rint(_fdiv(v, sb)) + zb, _ZERO), _FIFTEEN)
+            differ = differ | (qa != ca) | (qb != cb)
     return not differ
 
 
@@ -461,7 +484,8 @@ def _choose(xb, sk, ik, zk, acc, acc1, acc2, score, dcw, gain, nr, signed, ort, 
     plain = dcw == _ZERO and gain == 0.0
     if plain and np.isfinite(ar) and score[best] < ar * (1.0 - margin):
         return best
-    if ort and _ort_sure(xb, sk[best], ik[best], sk[0], ik[0], score[best], ar, dcw, gain, gw):
+    if _sure(xb, sk[best], ik[best], zk[best], sk[0], ik[0], zk[0], score[best], ar, dcw, gain,
+             gw, signed, ort):  # fmt: skip
         return best
     e_best, e_rtn = _exact2(xb, sk[best], zk[best], sk[0], zk[0], dcw, gw, signed, ort, da, db)
     return best if e_best < e_rtn else 0
