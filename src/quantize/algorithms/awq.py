@@ -454,33 +454,22 @@ def _clip_search(w, w64, s, qt0, fmt, clip_ratio, method, hb, loss0, losses_of, 
     scaled = awq_apply(w, s)
     inv = 1.0 / s.astype(np.float64)[:, None]
     table = _clip_pairs() if pairs else CLIP_RATIOS
+
+    def clipped(index) -> QuantizedTensor:
+        """The scaled weight with block b at table[index] (or table[index[n, b]])."""
+        method = _BlockRatios(base, index, pairs)
+        return quantize_tensor(scaled, fmt, qt0.block_size, axis=0, clip_ratio=clip_ratio,
+                               method=method)  # fmt: skip
+
     errs = []
     for i in range(len(table)):
-        qt = (
-            qt0
-            if i == 0
-            else quantize_tensor(
-                scaled,
-                fmt,
-                qt0.block_size,
-                axis=0,
-                clip_ratio=clip_ratio,
-                method=_BlockRatios(base, i, pairs),
-            )
-        )
+        qt = qt0 if i == 0 else clipped(i)
         errs.append(_block_errors(hb, w64 - qt.dequantize(np.float64) * inv, w64))
     idx = np.argmin(np.stack(errs), axis=0)  # the first minimum: ties keep the larger range
     ones = np.ones(idx.shape + table.shape[1:], np.float32)
     if not idx.any():
         return qt0, ones, loss0
-    qt = quantize_tensor(
-        scaled,
-        fmt,
-        qt0.block_size,
-        axis=0,
-        clip_ratio=clip_ratio,
-        method=_BlockRatios(base, idx, pairs),
-    )
+    qt = clipped(idx)
     loss = losses_of([w64 - qt.dequantize(np.float64) * inv])[0]
     if not loss < loss0:  # the blocks' interactions undid the gain: keep the unclipped weight
         return qt0, ones, loss0
