@@ -108,3 +108,17 @@ def test_weight_powers_are_checked(powers, exc, match):
     w, x = uneven_rows(3, k=32, n=4, rows=8)
     with pytest.raises(exc, match=match):
         awq_scan(w, x, "uint4", 32, weight_powers=powers)
+
+
+@pytest.mark.parametrize("rows", [32, 256])  # fewer rows than inputs (||xs D||^2) and more (H)
+def test_batched_losses_equal_one_at_a_time(monkeypatch, rows):
+    """Candidates scored in one product give bit for bit the losses scored one by one."""
+    import quantize.algorithms.awq as awq
+
+    w, x = uneven_rows(2, k=64, n=48, rows=rows)
+    batched = awq_scan(w, x, "uint4", 32, grid=6)
+    monkeypatch.setattr(awq, "_BATCH_BYTES", 1)  # one candidate per product
+    single = awq_scan(w, x, "uint4", 32, grid=6)
+    assert np.array_equal(batched.grid_losses, single.grid_losses, equal_nan=True)
+    assert np.array_equal(batched.scales, single.scales)
+    assert batched.clip_loss == single.clip_loss

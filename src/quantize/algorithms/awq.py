@@ -242,15 +242,16 @@ def awq_scan(
     h = xs.T @ xs if xs.shape[0] > k else None
 
     def losses_of(ds: list[np.ndarray]) -> list[float]:
-        # one product for several candidates (per column the same sums as one product each,
-        # and each part made contiguous so np.sum adds in the same order): fewer, larger BLAS
-        # calls; each loss is sum((H D) * D), or ||xs D||^2 with fewer rows than inputs
+        # one product for several candidates (per column the same sums as one product each):
+        # fewer, larger BLAS calls; each loss is sum((H D) * D), or ||xs D||^2 with fewer rows
+        # than inputs. The elementwise product or square of a part (a column slice) is a new
+        # C-ordered array, so np.sum adds in the same order as for a lone candidate.
         n = ds[0].shape[1]
         big = ds[0] if len(ds) == 1 else np.concatenate(ds, axis=1)
         prod = h @ big if h is not None else xs @ big
         out = []
         for i, d in enumerate(ds):
-            part = prod if len(ds) == 1 else np.ascontiguousarray(prod[:, i * n : (i + 1) * n])
+            part = prod[:, i * n : (i + 1) * n]
             out.append(float(np.sum(part * d)) if h is not None else float(np.sum(np.square(part))))
         return out
 

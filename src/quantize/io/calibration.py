@@ -97,9 +97,10 @@ def _model_bytes_or_path(model: onnx.ModelProto, tmp: Path) -> str | bytes:
     return str(path)
 
 
-def _session(model: onnx.ModelProto, tmp: Path):
+def _session(model: onnx.ModelProto, tmp: Path, what: str = "the float model"):
     import onnxruntime as ort
 
+    tmp.mkdir(parents=True, exist_ok=True)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
@@ -107,7 +108,7 @@ def _session(model: onnx.ModelProto, tmp: Path):
             _model_bytes_or_path(model, tmp), so, providers=["CPUExecutionProvider"]
         )
     except Exception as exc:
-        raise ValueError(f"onnxruntime cannot run the float model ({exc})") from None
+        raise ValueError(f"onnxruntime cannot run {what} ({exc})") from None
 
 
 def _input_specs(model: onnx.ModelProto) -> list[tuple[str, np.dtype | None, list]]:
@@ -470,3 +471,45 @@ def capture_activations(
         if not count:
             raise ValueError("no calibration feeds")
     return {n: a.result() for n, a in acc.items()}
+
+
+def output_errors(
+    reference: onnx.ModelProto,
+    models: Sequence[onnx.ModelProto],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+) -> list[float]:
+    """Per model in `models`, how far its outputs are from `reference`'s on `feeds`.
+
+    Each is the mean over the float graph outputs of sum ||y - y_ref||^2 / sum ||y_ref||^2,
+    the sums running over every feed (inf where an output is not finite). Only one feed's
+    outputs are held at a time.
+    """
+    with tempfile.TemporaryDirectory(prefix="quantize-check.") as tmp:
+        ref = _session(reference, Path(tmp) / "ref")
+        names = [
+            o.name
+            for o in ref.get_outputs()
+            if o.type in ("tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)")
+        ]
+        if not names:
+            raise ValueError("the model has no float outputs to compare")
+        sessions = []
+        for i, m in enumerate(models):
+            sessions.append(_session(m, Path(tmp) / str(i), "the quantized model"))
+        wanted = [i.name for i in ref.get_inputs()]
+        num = np.zeros((len(models), len(names)))
+        den = np.zeros(len(names))
+        for count, feed in enumerate(feeds):
+            missing = [k for k in wanted if k not in feed]
+            if missing:
+                raise ValueError(f"calibration feed {count} lacks input {missing[0]!r}")
+            run = {k: np.asarray(feed[k]) for k in wanted}
+            want = [np.asarray(y, np.float64) for y in ref.run(names, run)]
+            den += [float(np.sum(np.square(y))) for y in want]
+            for i, s in enumerate(sessions):
+                for j, y in enumerate(s.run(names, run)):
+                    num[i, j] += float(np.sum(np.square(np.asarray(y, np.float64) - want[j])))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(den > 0, num / np.where(den > 0, den, 1), np.where(num > 0, np.inf, 0.0))
+    rel = np.where(np.isfinite(rel), rel, np.inf)
+    return [float(np.mean(r)) for r in rel]

@@ -79,6 +79,13 @@ CALIBRATED_METHODS = ("awq", "gptq", "awq+gptq")
 AWQ_SAMPLES = 4096
 #: default bound on the calibration state held at once (Hessians + AWQ rows), bytes
 CALIB_MEMORY = 2 << 30
+#: "awq" / "awq+gptq" with calibration data quantize the model twice, with AWQ's weight
+#: factor and without it (activation-only scales), and keep the one whose outputs on the
+#: calibration inputs are closer to the float model's. Per weight the factor always lowers
+#: the calibration output error, yet on the OCR recogniser's CTC head (6625 outputs, most
+#: never read) it made the model's held-out outputs 5x worse: only the whole model shows it
+#: (benchmarks/methods_real_models.md, "AWQ: the scale family chosen on the whole model").
+AWQ_MODEL_CHECK = True
 #: the 8-bit option of mixed precision, per 4-bit format (MatMulNBits bits=8 / INT8 QDQ)
 EIGHT_BIT = {"int4": "int8", "uint4": "uint8", "int4_ort": "int8"}
 OUTPUTS = ("matmulnbits", "qdq")
@@ -566,7 +573,10 @@ def quantize_onnx_model(
     in decreasing activation order, block params from the mse search: `GPTQ_OPTIONS`) and
     "awq+gptq" (per weight, whichever of awq, gptq and gptq on awq's scaled weight against
     the Hessian of x / s has the smallest output error on the calibration activations; rows
-    get "picked").
+    get "picked"). With calib data, awq and awq+gptq quantize the model twice, with AWQ's
+    weight-magnitude factor and with activation-only scales, and keep the model whose outputs
+    on the calibration inputs are closer to the float model's (`AWQ_MODEL_CHECK`; a note
+    gives both errors).
     calib: calibration inputs for the float model (see `calibration.calibration_feeds`): an
     .npz path or dict of arrays keyed by input name, first axis = samples, or a list of feed
     dicts; None: awq/gptq run on random inputs built from the model's input types (a note
@@ -834,6 +844,7 @@ def _quantize_weights(
     progress: Callable[[str, int], None] | None = None,
     keep: Callable[[tuple[str, int], QuantizedTensor], Any] | None = None,
     scratch: str | os.PathLike | None = None,
+    awq_powers=None,
 ) -> tuple[dict, dict, dict]:
     """(quantized tensors, report rows, AWQ 1/s), each keyed by (weight, axis).
 
@@ -977,6 +988,7 @@ def _quantize_weights(
                     target_bits=target_bits,
                     skipped=skipped,
                     notes=notes,
+                    awq_powers=awq_powers,
                 )
                 if plan is not None:
                     if target_bits is None:  # one option: final now, nothing held but its row
@@ -1031,6 +1043,7 @@ def _plan_weight(
     target_bits,
     skipped,
     notes,
+    awq_powers=None,
 ) -> dict | None:
     """Quantize one weight every way in `options`, with its output errors while H is at hand."""
     name, axis = key
@@ -1056,7 +1069,9 @@ def _plan_weight(
         if node.op_type != "Gather":
             notes.append(f"{name}: no activations captured; {method} -> rtn")
     try:
-        choices = {f"{f}/b{b}": _quantize_one(w, axis, f, b, own, h, x) for f, b in options}
+        choices = {
+            f"{f}/b{b}": _quantize_one(w, axis, f, b, own, h, x, awq_powers) for f, b in options
+        }
     except ValueError as exc:
         skipped.append(
             {"name": name, "node": node.name, "op_type": node.op_type, "reason": str(exc)}
@@ -1108,12 +1123,14 @@ def _gptq(w_kn: np.ndarray, h: np.ndarray, format: str, block_size: int) -> Quan
     return gptq_quantize(w_kn.astype(np.float32), h, format, block_size, **GPTQ_OPTIONS)
 
 
-def _awq(w_kn, x, format, block_size) -> tuple[np.ndarray, QuantizedTensor]:
-    """AWQ's scales s for w_kn (K, N) and the scaled weight quantized plainly."""
+def _awq(w_kn, x, format, block_size, powers=None) -> tuple[np.ndarray, QuantizedTensor]:
+    """AWQ's scales s for w_kn (K, N) and the scaled weight quantized plainly; powers: the
+    weight factor's betas (None: awq_scan's own)."""
     from ..algorithms.awq import awq_apply, awq_scan
 
     w32 = w_kn.astype(np.float32)
-    res = awq_scan(w32, x, format, block_size)
+    kw = {} if powers is None else {"weight_powers": powers}
+    res = awq_scan(w32, x, format, block_size, **kw)
     s = np.asarray(res.scales, np.float32)
     # the search quantized awq_apply(w32, s) this very way already
     qt = res.quantized
@@ -1139,6 +1156,7 @@ def _quantize_one(
     method: str,
     h: np.ndarray | None,
     x: np.ndarray | None,
+    awq_powers=None,
 ) -> _Choice:
     """Quantize one 2-D weight (blocks along `axis`) with `method`; scales in w's dtype.
 
@@ -1157,10 +1175,10 @@ def _quantize_one(
     if method == "gptq":
         return finish(_gptq(w_kn, h, format, block_size), None, "gptq")
     if method == "awq":
-        s, qt = _awq(w_kn, x, format, block_size)
+        s, qt = _awq(w_kn, x, format, block_size, awq_powers)
         return finish(qt, (1.0 / s).astype(np.float32), "awq")
     if method == "awq+gptq":
-        s, qt = _awq(w_kn, x, format, block_size)
+        s, qt = _awq(w_kn, x, format, block_size, awq_powers)
         inv = (1.0 / s).astype(np.float32)
         tried = [
             finish(qt, inv, "awq"),
@@ -1176,6 +1194,65 @@ def _quantize_one(
 
 
 def _quantize_in_place(
+    model: onnx.ModelProto,
+    *,
+    method: str = "rtn",
+    calib: Any = None,
+    details: dict | None = None,
+    spill: _Spill | None = None,
+    **options,
+) -> list[dict]:
+    """quantize_onnx_model's work on `model` itself (`_quantize_pass`), with AWQ's scale family
+    chosen on the whole model (`AWQ_MODEL_CHECK`)."""
+    check = (
+        AWQ_MODEL_CHECK
+        and isinstance(method, str)
+        and method.lower() in ("awq", "awq+gptq")
+        and calib is not None
+        and spill is None
+    )
+    if not check:
+        rows = _quantize_pass(
+            model, method=method, calib=calib, details=details, spill=spill, **options
+        )
+        if spill is not None and details is not None and method in ("awq", "awq+gptq"):
+            details["notes"].append(
+                f"{method}: AWQ's weight factor kept unchecked (the whole-model check is "
+                "skipped for external-data models, which are not held in memory twice)"
+            )
+        return rows
+    from ..algorithms.awq import WEIGHT_POWERS
+    from .calibration import calibration_feeds, output_errors
+
+    float_model = onnx.ModelProto()
+    float_model.CopyFrom(model)
+    runs = []
+    for powers in (WEIGHT_POWERS, (0.0,)):
+        m = model if not runs else onnx.ModelProto()
+        if runs:
+            m.CopyFrom(float_model)
+        d: dict = {}
+        rows = _quantize_pass(
+            m, method=method, calib=calib, details=d, awq_powers=powers, **options
+        )
+        runs.append((m, rows, d))
+    feeds = calibration_feeds(float_model, calib)
+    errors = output_errors(float_model, [m for m, _, _ in runs], feeds)
+    best = int(np.argmin(errors))  # ties keep the weight factor (the first)
+    m, rows, d = runs[best]
+    if best:
+        model.CopyFrom(m)
+    names = ("with the weight factor", "activation-only")
+    d.setdefault("notes", []).append(
+        f"{method}: AWQ scales {names[best]} kept: calibration output error "
+        f"{errors[0]:.3g} with the weight factor, {errors[1]:.3g} activation-only"
+    )
+    if details is not None:
+        details.update(d)
+    return rows
+
+
+def _quantize_pass(
     model: onnx.ModelProto,
     *,
     format: str = "int4",
@@ -1194,8 +1271,10 @@ def _quantize_in_place(
     progress: Callable[[str, int], None] | None = None,
     spill: _Spill | None = None,
     scratch: str | os.PathLike | None = None,
+    awq_powers=None,
 ) -> list[dict]:
-    """quantize_onnx_model's work on `model` itself. spill: each weight's new initializers are
+    """quantize_onnx_model's work on `model` itself, one way. awq_powers: AWQ's weight-factor
+    betas (None: `awq.WEIGHT_POWERS`). spill: each weight's new initializers are
     laid out as soon as its tensor is chosen and their bytes moved to that file. scratch: the
     folder for mixed precision's candidates (None: the spill file's, else the system's)."""
     _check_args(format, block_size, output, accuracy_level, method, target_bits)
@@ -1279,6 +1358,7 @@ def _quantize_in_place(
         progress=progress,
         keep=None if spill is None else keep,
         scratch=scratch if scratch is not None or spill is None else spill.path.parent,
+        awq_powers=awq_powers,
     )
     sites = [s for s in sites if (s.weight, s.axis) in quantized]
     if not sites:
