@@ -213,7 +213,7 @@ def _sqnr(x, qt) -> float:
 @pytest.mark.parametrize("fmt, method, gain", [
     ("int4", "mse", 0.5), ("uint4", "mse", 0.1), ("nf4", "mse", 0.2), ("fp4_e2m1", "mse", 0.2),
     ("nvfp4", "mse", 0.2), ("uint4_float_zp", "hqq", 0.2), ("int4_affine", "hqq", 0.2),
-    ("nf4_dq", "mse", 0.2),
+    ("nf4_dq", "mse", 0.2), ("mxfp4", "mse", 0.2), ("mxfp4_ceil", "mse", 0.2),
 ])  # fmt: skip
 def test_heavy_tails_gain(fmt, method, gain):
     x = np.random.default_rng(3).standard_t(4, (256, 512)).astype(np.float32)
@@ -223,6 +223,17 @@ def test_heavy_tails_gain(fmt, method, gain):
     # smaller systematic errors
     m = MSESearch(dc_weight=0.0, gain_weight=0.0) if method == "mse" else method
     assert _sqnr(x, quantize_tensor(x, fmt, bs, method=m)) >= base + gain
+
+
+@SETTINGS
+@given(kind=st.sampled_from([*KINDS, "huge"]), seed=st.integers(0, 2**32 - 1))
+def test_mxfp4_search_takes_the_better_exponent_per_block(kind, seed):
+    """mxfp4's search widens too (`search_widen`): per block it is no worse than the spec's
+    floor rule and than the ceil rule (2^(e+1) where the floor rule clips)."""
+    x = matrix(kind, seed, 4, 96)
+    got = per_block_sse("mxfp4", x, quantize_tensor(x, "mxfp4", 32, method="mse"))
+    for rule in ("mxfp4", "mxfp4_ceil"):
+        assert np.all(got <= per_block_sse("mxfp4", x, quantize_tensor(x, rule, 32)))
 
 
 # --------------------------------------------------------------------------- the kernel

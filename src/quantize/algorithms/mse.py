@@ -1,7 +1,8 @@
 """MSE clipping search: per block, the shrunk range whose parameters give the least error.
 
 `MSESearch.choose_params` tries the format's own round-to-nearest rule at a grid of range
-ratios, clip_ratio * [1, ..., lowest] (21 ratios from 1 down to 0.5 by default), each through
+ratios, clip_ratio * [1, ..., lowest] (21 ratios from 1 down to 0.5 by default), then at the
+format's `search_widen` ratios above 1 (MXFP4: 2, its exponent one up), each through
 `fmt.choose_params(blocks, ratio)`, so every candidate scale is one the format can store (E8M0
 powers of two for MXFP4, E4M3 block scales for NVFP4, integer zero points for uint4, ...). Each
 candidate is scored by encoding and decoding the block with the format itself; per block the
@@ -162,8 +163,10 @@ def search_error(
         d = deq.astype(np.float64) - x64
         if last_valid is not None and last_valid < blocks.shape[-1]:
             d[..., -1, last_valid:] = 0.0
-        s1 = block_sse(d)
-        err = block_sse(d * d) + np.float64(dc_weight) * (s1 * s1)
+        err = block_sse(d * d)
+        if dc_weight:  # (not 0 * inf = NaN where a candidate decodes beyond the dtype)
+            s1 = block_sse(d)
+            err = err + np.float64(dc_weight) * (s1 * s1)
         if gain_weight:
             s2 = block_sse(d * x64)
             err = err + gain_factor(blocks, last_valid, gain_weight) * (s2 * s2)
@@ -258,6 +261,7 @@ def _pick_exact(fmt, x, s, z, ts, last_valid, dc_weight, gain_weight) -> np.ndar
             for k in range(s.shape[0])
         ]
     )
+    errs[np.isnan(errs)] = np.inf  # never picked over a finite error
     return np.argmin(errs, axis=0)  # the first of equal minima: the larger range
 
 
@@ -397,7 +401,7 @@ class MSESearch:
 
     def choose_params(self, fmt, blocks, tensor_scale, clip_ratio=1.0, *, last_valid=None):
         """(scale, zero point) per block: the candidate with the least `search_error`."""
-        ratios = self.ratios(clip_ratio)
+        ratios = self.ratios(clip_ratio) + [clip_ratio * r for r in fmt.search_widen]
         # every candidate's params from the whole array (nvfp4 reads the tensor's amax), then
         # the scoring in chunks of blocks, which bounds the temporaries
         cands = [fmt.choose_params(blocks, r) for r in ratios]

@@ -32,6 +32,9 @@ class Format(ABC):
     default_block_size: int = 128
     #: bits one stored block scale costs (8 for E8M0/E4M3 scales); None: the scale array's dtype.
     scale_bits: int | None = None
+    #: range ratios above 1 that `method="mse"` tries too, after its shrinking grid: none where
+    #: the round-to-nearest scale already covers the block (see MXFP4's)
+    search_widen: tuple[float, ...] = ()
     description: str = ""
 
     @property

@@ -118,6 +118,11 @@ class MXFP4(E2M1Codes):
 
     scale_bits = 8
     default_block_size = 32
+    #: the mse search also tries the exponent one up (ratio 2: 2^(e+1)): shrinking the range
+    #: only ever gives 2^(e-1), while the floor rule's clipping of (6, 8) * 2^e is often the
+    #: larger error (per block, the better of the floor and ceil rules: 6% less squared error
+    #: on normal and student-t(4) weights, block 32)
+    search_widen = (2.0,)
 
     def __init__(self, rule: str = "floor"):
         if rule not in ("floor", "ceil"):
@@ -133,7 +138,8 @@ class MXFP4(E2M1Codes):
     def choose_params(self, blocks, clip_ratio=1.0):
         amax = np.abs(blocks).max(axis=-1)
         if clip_ratio != 1.0:
-            amax = amax * blocks.dtype.type(clip_ratio)
+            with np.errstate(over="ignore"):  # the mse search's widening: inf -> the top clamp
+                amax = amax * blocks.dtype.type(clip_ratio)
         e = e8m0_exponent(amax, E2M1_MAX, self.rule)
         e = np.where(amax == 0, 0, e)  # all-zero block: 2^0
         return e8m0_scale(e, blocks.dtype), None
