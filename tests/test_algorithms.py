@@ -236,6 +236,40 @@ def test_mxfp4_search_takes_the_better_exponent_per_block(kind, seed):
         assert np.all(got <= per_block_sse("mxfp4", x, quantize_tensor(x, rule, 32)))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@SETTINGS
+@given(
+    kind=st.sampled_from([*KINDS, "huge"]),
+    seed=st.integers(0, 2**32 - 1),
+    rows=st.integers(1, 3),
+    n=st.integers(1, 70),
+    bs=st.sampled_from([1, 3, 16, 32]),
+    weights=st.sampled_from([(0.0, 0.0), (1.0, 1.0), (0.5, 0.0)]),
+)
+def test_exact_pick_scores_only_changed_blocks_the_same(fmt, kind, seed, rows, n, bs, weights):
+    """`_pick_exact` (which re-scores only blocks whose params changed) picks what scoring
+    every candidate on every block picks."""
+    from quantize.algorithms.mse import _pick_exact
+
+    f = get_format(fmt)
+    x = to_blocks(matrix(kind, seed, rows, n), bs, -1)
+    pad = n_blocks(n, bs) * bs - n
+    valid = bs - pad if pad else None
+    ts = f.tensor_scale(x)
+    cands = [f.choose_params(x, r) for r in [*MSE.ratios(), *f.search_widen]]
+    s = np.stack([c[0] for c in cands])
+    z = None if cands[0][1] is None else np.stack([c[1] for c in cands])
+    errs = np.stack(
+        [
+            search_error(f, x, s[k], None if z is None else z[k], ts, valid, *weights)
+            for k in range(len(cands))
+        ]
+    )
+    errs[np.isnan(errs)] = np.inf
+    got = _pick_exact(f, x, s, z, ts, valid, *weights)
+    assert np.array_equal(got, np.argmin(errs, axis=0))
+
+
 # --------------------------------------------------------------------------- the kernel
 
 
