@@ -11,9 +11,11 @@ run: rtn (kernel where there is one), hqq's compiled path (best of 3) and its Nu
 (QUANTIZE_KERNELS=0, one call: ~30 s each, 60+ s for the float zero point formats),
 with the ratios to rtn (wall, and process CPU time for the compiled path: less noisy on a
 shared machine) and whether both hqq paths gave the same bytes.
-Part 2, accuracy: SQNR (dB) of each method and its gain over rtn for int4, uint4, int4_ort and
-nf4 at
-block 32 and 128, on gaussian and student-t(4) 4096x4096 weights. --quick uses 1024x4096.
+Part 1c, the formats whose mse search has no kernel (nf4, fp4_e2m1, mxfp4, nvfp4): rtn (its
+kernel) against mse (the NumPy path, one call) on a 1024x4096 slice, with the ratio.
+Part 2, accuracy: SQNR (dB) of each method and its gain over rtn for int4, uint4, int4_ort,
+nf4, fp4_e2m1, mxfp4 and nvfp4 at block 32 and 128, on gaussian and student-t(4) 4096x4096
+weights. --quick uses 1024x4096.
 """
 
 from __future__ import annotations
@@ -69,6 +71,18 @@ def timing(x: np.ndarray, formats: list[str], methods: list[str]) -> None:
     os.environ["QUANTIZE_KERNELS"] = "1"
 
 
+def float_timing(x: np.ndarray, formats: list[str]) -> None:
+    """rtn (kernel) against the NumPy mse search for the formats without a search kernel."""
+    print(f"\n{'format':8s} {'block':>5s} {'rtn ms':>9s} {'mse ms':>9s} {'mse/rtn':>8s}")
+    for fmt in formats:
+        for bs in (32, 128):
+            rtn = lambda: quantize_tensor(x, fmt, bs)  # noqa: B023, E731
+            rtn()
+            t_rtn = best(rtn, 3)
+            t_mse = best(lambda: quantize_tensor(x, fmt, bs, method="mse"), 1)  # noqa: B023
+            print(f"{fmt:8s} {bs:5d} {t_rtn * 1e3:9.1f} {t_mse * 1e3:9.1f} {t_mse / t_rtn:8.1f}")
+
+
 def cpu_best(fn, runs: int = 3) -> float:
     """Least process CPU time of `runs` calls: on a shared machine it moves less than wall."""
     times = []
@@ -118,7 +132,7 @@ def accuracy(shape: tuple[int, int], methods: list[str]) -> None:
     tail = " ".join(f"{m + ' gain':>9s}" for m in methods[1:])
     print(f"\n{'data':13s} {'format':8s} {'block':>5s} {head}   {tail}")
     for name, x in data.items():
-        for fmt in ("int4", "uint4", "int4_ort", "nf4"):
+        for fmt in ("int4", "uint4", "int4_ort", "nf4", "fp4_e2m1", "mxfp4", "nvfp4"):
             for bs in (32, 128):
                 q = {
                     m: sqnr(x, quantize_tensor(x, fmt, bs, method=m).dequantize()) for m in methods
@@ -140,6 +154,7 @@ def main() -> None:
     timing(x, ["int4", "uint4", "int4_ort"], ["rtn", "mse"])
     if not args.no_hqq:
         hqq_timing(x, ["int4", "uint4", "int4_affine", "uint4_float_zp"])
+    float_timing(x[:1024], ["nf4", "fp4_e2m1", "mxfp4", "nvfp4"])
     accuracy((1024, 4096) if args.quick else (4096, 4096), methods)
 
 

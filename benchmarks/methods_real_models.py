@@ -3,7 +3,9 @@
 Run by hand (not in CI). For each model (taken from PyPI wheels, see benchmarks/real_models.md
 for how to fetch them) and each block size (32, 128), every variant is written as an ONNX
 MatMulNBits model and run in ONNX Runtime on held-out inputs (the same realistic inputs
-benchmarks/real_models.py uses; the calibration inputs are different ones):
+benchmarks/real_models.py uses, for the OCR model plus `--ocr-held-out` rendered docstring
+lines; the calibration inputs are different ones, for the OCR model 8 written lines plus
+`--ocr-lines` others):
 
 * ORT: `MatMulNBitsQuantizer` with the default RTN config, symmetric (as real_models.py runs
   it) and asymmetric (the same bytes as our uint4),
