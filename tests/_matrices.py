@@ -35,3 +35,21 @@ def matrix(kind: str, seed: int, rows: int, n: int, dtype=np.float32) -> np.ndar
     else:
         raise ValueError(f"kind must be one of {MATRIX_KINDS}, got {kind!r}")
     return x.astype(dtype)
+
+
+def awq_layers():
+    """Hypothesis strategy: (w (k, n) student-t(3), x (s, k) with channel sizes 0.1-20, format,
+    block size) for AWQ's property tests; k, n, s small, formats with and without zero points."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def layer(draw):
+        k, n, s = draw(st.integers(1, 40)), draw(st.integers(1, 6)), draw(st.integers(1, 30))
+        fmt = draw(st.sampled_from(["int4", "uint4", "nf4", "mxfp4", "nvfp4"]))
+        bs = draw(st.sampled_from([8, 16, None]))
+        rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+        w = rng.standard_t(3, (k, n)).astype(np.float32)
+        x = rng.standard_normal((s, k)).astype(np.float32) * rng.uniform(0.1, 20, k)
+        return w, x.astype(np.float32), fmt, bs
+
+    return layer()

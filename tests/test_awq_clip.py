@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
+from _matrices import awq_layers
 from quantize import quantize_tensor
 from quantize.algorithms.awq import (
     CLIP_PAIR_RATIOS,
@@ -121,18 +121,9 @@ def test_zero_point_formats_clip_each_end_on_its_own(bs):
 
 
 @SETTINGS
-@given(
-    k=st.integers(1, 40),
-    n=st.integers(1, 6),
-    s=st.integers(1, 30),
-    fmt=st.sampled_from(["int4", "uint4", "nf4", "mxfp4", "nvfp4"]),
-    bs=st.sampled_from([8, 16, None]),
-    seed=st.integers(0, 2**32 - 1),
-)
-def test_clip_never_worse_than_plain_awq(k, n, s, fmt, bs, seed):
-    rng = np.random.default_rng(seed)
-    w = rng.standard_t(3, (k, n)).astype(np.float32)
-    x = rng.standard_normal((s, k)).astype(np.float32) * rng.uniform(0.1, 20, k)
+@given(case=awq_layers())
+def test_clip_never_worse_than_plain_awq(case):
+    w, x, fmt, bs = case
     plain = awq_scan(w, x, fmt, bs, grid=4, clip=False)
     clipped = awq_scan(w, x, fmt, bs, grid=4)
     assert clipped.clip_loss <= plain.loss

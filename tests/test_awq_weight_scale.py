@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _matrices import awq_layers
 from quantize import quantize_tensor
 from quantize.algorithms.awq import WEIGHT_POWERS, _weight_magnitude, awq_apply, awq_scan
 
@@ -64,19 +65,10 @@ def test_grid_bookkeeping():
 
 
 @SETTINGS
-@given(
-    k=st.integers(1, 40),
-    n=st.integers(1, 6),
-    s=st.integers(1, 30),
-    fmt=st.sampled_from(["int4", "uint4", "nf4", "mxfp4", "nvfp4"]),
-    bs=st.sampled_from([8, 16, None]),
-    seed=st.integers(0, 2**32 - 1),
-)
-def test_never_worse_than_rtn_or_the_activation_only_search(k, n, s, fmt, bs, seed):
-    rng = np.random.default_rng(seed)
-    w = rng.standard_t(3, (k, n)).astype(np.float32)
-    w[rng.random(k) < 0.2] = 0  # silent rows: m_w = 0 there, floored
-    x = rng.standard_normal((s, k)).astype(np.float32) * rng.uniform(0.1, 20, k)
+@given(case=awq_layers(), silent=st.integers(0, 2**32 - 1))
+def test_never_worse_than_rtn_or_the_activation_only_search(case, silent):
+    w, x, fmt, bs = case
+    w[np.random.default_rng(silent).random(w.shape[0]) < 0.2] = 0  # silent rows: m_w = 0, floored
     res = awq_scan(w, x, fmt, bs, grid=4, clip=False)
     only = awq_scan(w, x, fmt, bs, grid=4, weight_powers=(0,), clip=False)
     assert res.loss <= only.loss <= res.rtn_loss
