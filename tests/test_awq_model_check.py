@@ -145,3 +145,17 @@ def test_output_errors_bad_input(setup):
     plain = _model(np.random.default_rng(0), softmax=False)
     (err,) = output_errors(plain, [nan], [{"x": np.abs(x)}])
     assert err == np.inf
+
+
+def test_progress_counts_both_passes(setup):
+    model, x = setup
+    calls = []
+    quantize_onnx_model(
+        model, format="uint4", method="awq", calib={"x": x}, progress=lambda *a: calls.append(a)
+    )
+    assert calls == [
+        ("W1 (weight factor)", 4),
+        ("W2 (weight factor)", 4),
+        ("W1 (activation-only)", 4),
+        ("W2 (activation-only)", 4),
+    ]

@@ -1226,14 +1226,21 @@ def _quantize_in_place(
 
     float_model = onnx.ModelProto()
     float_model.CopyFrom(model)
+    progress = options.pop("progress", None)
     runs = []
-    for powers in (WEIGHT_POWERS, (0.0,)):
+    for powers, tag in ((WEIGHT_POWERS, "weight factor"), ((0.0,), "activation-only")):
         m = model if not runs else onnx.ModelProto()
         if runs:
             m.CopyFrom(float_model)
         d: dict = {}
+        step = None
+        if progress is not None:  # one bar over both passes
+
+            def step(name: str, total: int, tag: str = tag) -> None:
+                progress(f"{name} ({tag})", 2 * total)
+
         rows = _quantize_pass(
-            m, method=method, calib=calib, details=d, awq_powers=powers, **options
+            m, method=method, calib=calib, details=d, awq_powers=powers, progress=step, **options
         )
         runs.append((m, rows, d))
     feeds = calibration_feeds(float_model, calib)
