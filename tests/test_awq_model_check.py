@@ -159,3 +159,19 @@ def test_progress_counts_both_passes(setup):
         ("W1 (activation-only)", 4),
         ("W2 (activation-only)", 4),
     ]
+
+
+def test_external_data_output_skips_the_check_and_says_so(setup, tmp_path, monkeypatch):
+    from quantize.io.onnx import quantize_onnx_file
+
+    model, x = setup
+    calls = []
+    monkeypatch.setattr(calibration, "output_errors", lambda *a: calls.append(a) or [0.0, 0.0])
+    src = tmp_path / "m.onnx"
+    onnx.save(model, str(src))
+    res = quantize_onnx_file(
+        src, tmp_path / "q.onnx", external_data=True, method="awq", calib={"x": x}
+    )
+    assert not calls
+    assert any("kept unchecked" in n for n in res["notes"]), res["notes"]
+    assert (tmp_path / "q.onnx").exists()
