@@ -76,8 +76,10 @@ at most 0.02% of blocks, +0.004% objective at most (512x1024 normal and student-
 The decoded values are in the compute dtype (float32, or float64 for float64 input), the
 differences, squares and sums in float64. The padding of a row's last block is not scored (the
 core says how long it is; n counts only the real elements). The sums run in a fixed order,
-`block_sse`, which the numba kernel (`kernels.search`, int4, uint4 and int4_ort from
-float32/float16/bfloat16) follows too, so both pick the same candidate, bit for bit.
+`block_sse`, which the numba kernels (`kernels.search`: int4, uint4 and int4_ort;
+`kernels.search_mx`: mxfp4 and mxfp4_ceil with plain squared error; from
+float32/float16/bfloat16) follow too, so both paths pick the same candidate, bit for bit. The
+other formats (nf4, fp4_e2m1, nvfp4, ...) search on the NumPy path only.
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ DEFAULT_GAIN_WEIGHT = 1.0
 ORT_INT4_WEIGHT = 0.25
 #: elements scored per NumPy pass: bounds the temporaries (about 40 bytes per element)
 _CHUNK_ELEMENTS = 1 << 20
+#: formats whose compiled search ranks candidates approximately, then checks (`_pick_two_stage`)
+_INT_KERNEL_FORMATS = ("int4", "uint4", "int4_ort")
+#: formats with a compiled exact search (`kernels.search_mx`) when the objective is plain sse
+_MX_KERNEL_FORMATS = ("mxfp4", "mxfp4_ceil")
 
 
 def block_sse(err2: np.ndarray) -> np.ndarray:
@@ -379,8 +385,6 @@ class MSESearch:
     )
     #: the core passes `last_valid` (the padding of a row's last block is not scored)
     masks_padding = True
-    #: formats with a compiled search (`quantize_rows`), for float32/float16/bfloat16 input
-    kernel_formats = ("int4", "uint4", "int4_ort")
 
     def __init__(
         self,
@@ -406,6 +410,14 @@ class MSESearch:
         self.lowest = float(lowest)
         self.dc_weight = None if dc_weight is None else float(dc_weight)
         self.gain_weight = None if gain_weight is None else float(gain_weight)
+
+    @property
+    def kernel_formats(self) -> tuple[str, ...]:
+        """Formats with a compiled search (`quantize_rows`), for float32/float16/bfloat16 input:
+        int4, uint4, int4_ort, and mxfp4 / mxfp4_ceil while their objective is plain squared
+        error (`kernels.search_mx`; dc_weight and gain_weight 0, MX's defaults)."""
+        mx = _MX_KERNEL_FORMATS if not self.dc_weight and not self.gain_weight else ()
+        return _INT_KERNEL_FORMATS + mx
 
     def dc_weight_for(self, fmt) -> float:
         """The objective's dc_weight for `fmt`: as given, or by default 1 for formats with a
@@ -438,7 +450,7 @@ class MSESearch:
         flat = blocks.reshape(-1, nb, bs)
         fs = np.stack([s.reshape(-1, nb) for s, _ in cands])
         fz = None if cands[0][1] is None else np.stack([z.reshape(-1, nb) for _, z in cands])
-        two_stage = _has_kernel_twin(fmt, self.kernel_formats) and blocks.dtype == np.float32
+        two_stage = _has_kernel_twin(fmt, _INT_KERNEL_FORMATS) and blocks.dtype == np.float32
         best_s, best_z = fs[0].copy(), None if fz is None else fz[0].copy()
         dc, gain = self.dc_weight_for(fmt), self.gain_weight_for(fmt)
         step = max(1, _CHUNK_ELEMENTS // max(1, nb * bs))
@@ -462,9 +474,10 @@ class MSESearch:
         *,
         num_threads: int | None = None,
     ):
-        """The compiled search plus quantize+pack (int4, uint4, int4_ort): (packed, scales, zero
-        points) of each row of `x2d` (float32, float16 or bfloat16), bit for bit the NumPy
-        path's `quantize_tensor(x2d, fmt_name, block_size, clip_ratio=clip_ratio, method=self)`."""
+        """The compiled search plus quantize+pack (int4, uint4, int4_ort; mxfp4, mxfp4_ceil with
+        plain squared error): (packed, scales, zero points) of each row of `x2d` (float32,
+        float16 or bfloat16), bit for bit the NumPy path's
+        `quantize_tensor(x2d, fmt_name, block_size, clip_ratio=clip_ratio, method=self)`."""
         from .. import kernels
         from ..kernels import search
 
@@ -476,6 +489,12 @@ class MSESearch:
         x = np.asarray(x2d)
         if x.dtype != np.float32 and x.dtype in kernels.QUANTIZE_DTYPES:
             x = x.astype(np.float32)  # exact; one compiled variant instead of three
+        if fmt_name in _MX_KERNEL_FORMATS:  # the same ratios, in order, as `choose_params`
+            from ..kernels import search_mx
+
+            widen = [clip_ratio * r for r in get_format(fmt_name).search_widen]
+            ratios = np.asarray(self.ratios(clip_ratio) + widen, np.float32)
+            return search_mx.mse_mx_rows(fmt_name, x, block_size, ratios, num_threads, kernels)
         return search.mse_rows(
             fmt_name,
             x,

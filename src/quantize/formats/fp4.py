@@ -138,8 +138,16 @@ class MXFP4(E2M1Codes):
     def choose_params(self, blocks, clip_ratio=1.0):
         amax = np.abs(blocks).max(axis=-1)
         if clip_ratio != 1.0:
-            with np.errstate(over="ignore"):  # the mse search's widening: inf -> the top clamp
-                amax = amax * blocks.dtype.type(clip_ratio)
+            ratio = blocks.dtype.type(clip_ratio)
+            with np.errstate(over="ignore"):
+                scaled = amax * ratio
+                # the mse search's widening (ratio 2) can overflow the dtype: that product in
+                # float64 (e8m0_exponent works in float64 and clamps to 127)
+                over = np.isinf(scaled) & np.isfinite(amax)
+                if over.any():
+                    wide = amax.astype(np.float64) * np.float64(ratio)
+                    scaled = np.where(over, np.minimum(wide, np.finfo(np.float64).max), scaled)
+            amax = scaled
         e = e8m0_exponent(amax, E2M1_MAX, self.rule)
         e = np.where(amax == 0, 0, e)  # all-zero block: 2^0
         return e8m0_scale(e, blocks.dtype), None
