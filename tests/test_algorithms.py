@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _matrices import matrix
+from _matrices import matrix, same_bytes
 from quantize import quantize_tensor
 from quantize.algorithms import available_methods, get_method
 from quantize.algorithms.hqq import HalfQuadratic, shrink_lp
@@ -246,7 +246,7 @@ def test_mxfp4_search_takes_the_better_exponent_per_block(kind, seed):
     bs=st.sampled_from([1, 3, 16, 32]),
     weights=st.sampled_from([(0.0, 0.0), (1.0, 1.0), (0.5, 0.0)]),
 )
-def test_exact_pick_scores_only_changed_blocks_the_same(fmt, kind, seed, rows, n, bs, weights):
+def test_exact_pick_scores_only_changed_blocks_thesame_bytes(fmt, kind, seed, rows, n, bs, weights):
     """`_pick_exact` (which re-scores only blocks whose params changed) picks what scoring
     every candidate on every block picks."""
     from quantize.algorithms.mse import _pick_exact
@@ -271,13 +271,6 @@ def test_exact_pick_scores_only_changed_blocks_the_same(fmt, kind, seed, rows, n
 
 
 # --------------------------------------------------------------------------- the kernel
-
-
-def _same(a, b) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    same_bytes = np.array_equal(a.view(np.uint8), b.view(np.uint8))
-    return a.dtype == b.dtype and a.shape == b.shape and same_bytes
 
 
 # None: the default objective; (0, 0): plain squared error; (1.5, 0.25): both terms, any format
@@ -305,8 +298,8 @@ def test_kernel_equals_numpy(fmt, weights, kind, seed, rows, n, bs, clip):
         m = MSESearch(dc_weight=weights[0], gain_weight=weights[1])
     got = m.quantize_rows(fmt, x, bs, clip)
     want = quantize_tensor(x, fmt, bs, clip_ratio=clip, method=m)  # small: the NumPy path
-    assert _same(got[0], want.data) and _same(got[1], want.scales)
-    assert _same(got[2], want.zero_points)
+    assert same_bytes(got[0], want.data) and same_bytes(got[1], want.scales)
+    assert same_bytes(got[2], want.zero_points)
 
 
 @pytest.mark.parametrize("fmt", ["int4", "uint4"])
@@ -320,15 +313,15 @@ def test_kernel_dispatch_threads_and_half_input(fmt, monkeypatch):
     monkeypatch.setenv("QUANTIZE_KERNELS", "0")
     off = quantize_tensor(x, fmt, 32, method="mse")
     monkeypatch.delenv("QUANTIZE_KERNELS")
-    assert _same(on.data, off.data) and _same(on.scales, off.scales)
-    assert _same(on.zero_points, off.zero_points)
+    assert same_bytes(on.data, off.data) and same_bytes(on.scales, off.scales)
+    assert same_bytes(on.zero_points, off.zero_points)
     m = get_method("mse")
     one = m.quantize_rows(fmt, x, 32, num_threads=1)
     two = m.quantize_rows(fmt, x, 32, num_threads=2)
-    assert all(_same(a, b) for a, b in zip(one, two, strict=True))
+    assert all(same_bytes(a, b) for a, b in zip(one, two, strict=True))
     h = x[:4].astype(np.float16)
     got, want = m.quantize_rows(fmt, h, 32), m.quantize_rows(fmt, h.astype(np.float32), 32)
-    assert all(_same(a, b) for a, b in zip(got, want, strict=True))
+    assert all(same_bytes(a, b) for a, b in zip(got, want, strict=True))
 
 
 @pytest.mark.parametrize("fmt", ["uint4", "uint8", "int4_ort"])

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("numba")
 
-from _matrices import matrix
+from _matrices import matrix, same_bytes
 from quantize import kernels, quantize_tensor
 from quantize.algorithms import hqq as H
 from quantize.algorithms.hqq import HQQ, HalfQuadratic, lp_power, solver_applies
@@ -30,16 +30,6 @@ SOLVER = ["int4", "uint4", "int8", "uint8", "int4_affine", "uint4_float_zp"]
 FLOAT_ZP = ["int4_affine", "uint4_float_zp"]
 BF16 = np.dtype(ml_dtypes.bfloat16)
 KINDS = ["normal", "student-t", "zeros", "constant", "single", "sparse", "tiny", "huge"]
-
-
-def _same(a, b) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and np.array_equal(a.view(np.uint8), b.view(np.uint8))
-    )
 
 
 def _both(m: HalfQuadratic, fmt_name: str, x: np.ndarray, bs: int, monkeypatch):
@@ -93,7 +83,7 @@ def test_kernel_constants_are_the_references():
 def test_solver_equals_numpy(fmt, kind, seed, rows, n, bs, upd, iters, monkeypatch):
     m = HalfQuadratic(iterations=iters, update_scale=upd)
     (gs, gz), (ws, wz), blocks, lv = _both(m, fmt, matrix(kind, seed, rows, n), bs, monkeypatch)
-    assert _same(gs, ws) and _same(gz, wz)
+    assert same_bytes(gs, ws) and same_bytes(gz, wz)
     f = get_format(fmt)
     rs, rz = f.choose_params(blocks)
     assert np.all(
@@ -113,7 +103,7 @@ def test_solver_edge_blocks(fmt, monkeypatch):
     x[5, -1] = -7.0  # alone in the partial last block
     m = HalfQuadratic(iterations=20)
     (gs, gz), (ws, wz), _, _ = _both(m, fmt, x, 32, monkeypatch)
-    assert _same(gs, ws) and _same(gz, wz)
+    assert same_bytes(gs, ws) and same_bytes(gz, wz)
     qt = quantize_tensor(x, fmt, 32, method="hqq")
     assert np.all(qt.dequantize()[0] == 0) and np.all(qt.dequantize()[2] == -1.25)
 
@@ -132,8 +122,8 @@ def test_fused_equals_numpy(fmt, kind, seed, rows, n, bs, clip):
     x = matrix(kind, seed, rows, n)
     got = HQQ.quantize_rows(fmt, x, bs, clip)
     want = quantize_tensor(x, fmt, bs, clip_ratio=clip, method="hqq")  # small: the NumPy path
-    assert _same(got[0], want.data) and _same(got[1], want.scales)
-    assert _same(got[2], want.zero_points)
+    assert same_bytes(got[0], want.data) and same_bytes(got[1], want.scales)
+    assert same_bytes(got[2], want.zero_points)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, BF16])
@@ -142,11 +132,11 @@ def test_half_input(fmt, dtype):
     x = matrix("student-t", 4, 5, 200).astype(dtype)
     got = HQQ.quantize_rows(fmt, x, 32)
     assert all(
-        _same(a, b)
+        same_bytes(a, b)
         for a, b in zip(got, HQQ.quantize_rows(fmt, x.astype(np.float32), 32), strict=True)
     )
     want = quantize_tensor(x, fmt, 32, method="hqq")  # the NumPy path, from float32 blocks
-    assert _same(got[0], want.data) and _same(got[1], want.scales)
+    assert same_bytes(got[0], want.data) and same_bytes(got[1], want.scales)
 
 
 @pytest.mark.parametrize("fmt", ["int4", "uint4", "int8", *FLOAT_ZP])
@@ -159,19 +149,19 @@ def test_dispatch_threads(fmt, monkeypatch):
     assert not solver_applies(f, to_blocks(x, 64, -1))
     off = quantize_tensor(x, fmt, 64, method="hqq")
     monkeypatch.delenv(kernels.ENV_SWITCH)
-    assert _same(on.data, off.data) and _same(on.scales, off.scales)
-    assert _same(on.zero_points, off.zero_points)
+    assert same_bytes(on.data, off.data) and same_bytes(on.scales, off.scales)
+    assert same_bytes(on.zero_points, off.zero_points)
     blocks = to_blocks(x[:64], 64, -1)
     s, z = f.choose_params(blocks)
     one = HQQ._solve_compiled(f, blocks, s, z, None, num_threads=1)
     two = HQQ._solve_compiled(f, blocks, s, z, None, num_threads=2)
-    assert _same(one[0], two[0]) and _same(one[1], two[1])
+    assert same_bytes(one[0], two[0]) and same_bytes(one[1], two[1])
     if fmt in HQQ.kernel_formats:
         a, b = (
             HQQ.quantize_rows(fmt, x[:64], 64, num_threads=1),
             HQQ.quantize_rows(fmt, x[:64], 64, num_threads=2),
         )
-        assert all(_same(u, v) for u, v in zip(a, b, strict=True))
+        assert all(same_bytes(u, v) for u, v in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("dtype", [np.float16, BF16])
@@ -189,8 +179,8 @@ def test_float_zero_point_half_input_and_padding(fmt, dtype, monkeypatch):
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     off = quantize_tensor(x, fmt, 64, method="hqq")
     monkeypatch.delenv(kernels.ENV_SWITCH)
-    assert _same(on.data, off.data) and _same(on.scales, off.scales)
-    assert _same(on.zero_points, off.zero_points)
+    assert same_bytes(on.data, off.data) and same_bytes(on.scales, off.scales)
+    assert same_bytes(on.zero_points, off.zero_points)
     rtn = quantize_tensor(x, fmt, 64)
     moved = on.zero_points != rtn.zero_points
     assert moved.mean() > 0.5 and np.any(on.zero_points[moved] % 1 != 0)
@@ -209,4 +199,4 @@ def test_quantize_rows_bad_input():
     r = HQQ.quantize_rows("uint4", np.ones((0, 8), np.float32), 4)
     assert r[0].shape == (0, 4) and r[1].shape == (0, 2) and r[2].shape == (0, 2)
     r = HalfQuadratic(iterations=0).quantize_rows("int4", np.ones((1, 8), np.float32), 4)
-    assert _same(r[1], quantize_tensor(np.ones((1, 8), np.float32), "int4", 4).scales)
+    assert same_bytes(r[1], quantize_tensor(np.ones((1, 8), np.float32), "int4", 4).scales)

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _matrices import matrix
+from _matrices import matrix, same_bytes
 from quantize import quantize_tensor
 from quantize.algorithms import get_method
 from quantize.algorithms.mse import MSE, MSESearch, search_error
@@ -27,13 +27,6 @@ pytest.importorskip("numba")
 
 FMT = "int4_ort"
 ORT4 = get_format(FMT)
-
-
-def _same(a, b) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    same_bytes = np.array_equal(a.view(np.uint8), b.view(np.uint8))
-    return a.dtype == b.dtype and a.shape == b.shape and same_bytes
 
 
 KINDS = ["normal", "student-t", "zeros", "constant", "sparse", "ties", "huge", "tiny"]
@@ -55,8 +48,8 @@ def test_kernel_equals_numpy(weights, kind, seed, rows, n, bs, clip):
     m = MSE if weights is None else MSESearch(dc_weight=weights[0], gain_weight=weights[1])
     got = m.quantize_rows(FMT, x, bs, clip)
     want = quantize_tensor(x, FMT, bs, clip_ratio=clip, method=m)  # small: the NumPy path
-    assert _same(got[0], want.data) and _same(got[1], want.scales)
-    assert _same(got[2], want.zero_points)
+    assert same_bytes(got[0], want.data) and same_bytes(got[1], want.scales)
+    assert same_bytes(got[2], want.zero_points)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 30])  # 2, 4 and 60 candidates: one or two passes
@@ -66,7 +59,7 @@ def test_other_grids(steps):
     got = m.quantize_rows(FMT, x, 32)
     want = quantize_tensor(x, FMT, 32, method=m)
     want_rows = (want.data, want.scales, want.zero_points)
-    assert all(_same(a, b) for a, b in zip(got, want_rows, strict=True))
+    assert all(same_bytes(a, b) for a, b in zip(got, want_rows, strict=True))
 
 
 def test_both_orientations_are_chosen():
@@ -89,11 +82,11 @@ def test_dispatch_threads_and_half_input(monkeypatch):
     monkeypatch.setenv("QUANTIZE_KERNELS", "0")
     off = quantize_tensor(x, FMT, 32, method="mse")
     monkeypatch.delenv("QUANTIZE_KERNELS")
-    assert _same(on.data, off.data) and _same(on.scales, off.scales)
-    assert _same(on.zero_points, off.zero_points)
+    assert same_bytes(on.data, off.data) and same_bytes(on.scales, off.scales)
+    assert same_bytes(on.zero_points, off.zero_points)
     one = MSE.quantize_rows(FMT, x, 32, num_threads=1)
     two = MSE.quantize_rows(FMT, x, 32, num_threads=2)
-    assert all(_same(a, b) for a, b in zip(one, two, strict=True))
+    assert all(same_bytes(a, b) for a, b in zip(one, two, strict=True))
 
 
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
@@ -101,10 +94,10 @@ def test_half_input(dtype):
     h = matrix("student-t", 5, 8, 100).astype(dtype)
     got = MSE.quantize_rows(FMT, h, 32)
     wide = MSE.quantize_rows(FMT, h.astype(np.float32), 32)
-    assert all(_same(a, b) for a, b in zip(got, wide, strict=True))
+    assert all(same_bytes(a, b) for a, b in zip(got, wide, strict=True))
     want = quantize_tensor(h, FMT, 32, method="mse")  # the NumPy path (computes in float32)
-    assert _same(got[0], want.data) and _same(got[1], want.scales)
-    assert _same(got[2], want.zero_points)
+    assert same_bytes(got[0], want.data) and same_bytes(got[1], want.scales)
+    assert same_bytes(got[2], want.zero_points)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _matrices import MATRIX_KINDS, matrix
+from _matrices import MATRIX_KINDS, matrix, same_bytes
 from quantize import quantize_tensor
 from quantize.algorithms import get_method
 from quantize.algorithms.mse import MSESearch
@@ -33,18 +33,11 @@ GRIDS = {
 }
 
 
-def _same(a, b) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    same_bytes = np.array_equal(a.view(np.uint8), b.view(np.uint8))
-    return a.dtype == b.dtype and a.shape == b.shape and same_bytes
-
-
 def _check(method, fmt, x, bs, clip=1.0):
     """The kernel's (packed, scales) equal the NumPy path's (a small x stays on it)."""
     got = method.quantize_rows(fmt, x, bs, clip)
     want = quantize_tensor(x, fmt, bs, clip_ratio=clip, method=method)
-    assert _same(got[0], want.data) and _same(got[1], want.scales)
+    assert same_bytes(got[0], want.data) and same_bytes(got[1], want.scales)
     assert got[2] is None and want.zero_points is None
 
 
@@ -116,7 +109,7 @@ def test_objectives_with_weights_stay_on_numpy(monkeypatch):
     on = quantize_tensor(x, "mxfp4", 32, method=m)
     monkeypatch.setenv("QUANTIZE_KERNELS", "0")
     off = quantize_tensor(x, "mxfp4", 32, method=m)
-    assert _same(on.data, off.data) and _same(on.scales, off.scales)
+    assert same_bytes(on.data, off.data) and same_bytes(on.scales, off.scales)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -132,21 +125,21 @@ def test_core_dispatch_threads_and_half_input(fmt, monkeypatch):
     monkeypatch.setenv("QUANTIZE_KERNELS", "0")
     off = quantize_tensor(x, fmt, 32, method="mse")
     monkeypatch.delenv("QUANTIZE_KERNELS")
-    assert _same(on.data, off.data) and _same(on.scales, off.scales)
+    assert same_bytes(on.data, off.data) and same_bytes(on.scales, off.scales)
     m = get_method("mse")
     one = m.quantize_rows(fmt, x, 32, num_threads=1)
     two = m.quantize_rows(fmt, x, 32, num_threads=2)
-    assert all(_same(a, b) for a, b in zip(one, two, strict=True))
+    assert all(same_bytes(a, b) for a, b in zip(one, two, strict=True))
     monkeypatch.setenv("QUANTIZE_NUM_THREADS", "1")
     env = m.quantize_rows(fmt, x, 32)
-    assert all(_same(a, b) for a, b in zip(one, env, strict=True))
+    assert all(same_bytes(a, b) for a, b in zip(one, env, strict=True))
     monkeypatch.delenv("QUANTIZE_NUM_THREADS")
     h = x[:6].astype(np.float16)
     got, want = m.quantize_rows(fmt, h, 32), m.quantize_rows(fmt, h.astype(np.float32), 32)
-    assert all(_same(a, b) for a, b in zip(got, want, strict=True))
+    assert all(same_bytes(a, b) for a, b in zip(got, want, strict=True))
     # and along another axis: the core moves it last before the kernel
     t = quantize_tensor(x.T, fmt, 32, axis=0, method="mse")
-    assert _same(t.data, on.data) and _same(t.scales, on.scales)
+    assert same_bytes(t.data, on.data) and same_bytes(t.scales, on.scales)
 
 
 def test_mse_never_worse_than_rtn():

@@ -731,10 +731,9 @@ def mse_ort_kernel(x, packed, scales, zero_points, ratios, div, cov, orient, nr,
         _pack_item(xr, packed[r], sr, zr, b0, b1, bs, n, True, True)
 
 
-def mse_rows(
-    fmt_name, x2d, block_size, ratios, num_threads, kernels, dc_weight=0.0, gain_weight=0.0
-):
-    """Run the search kernel for `fmt_name` on (rows, n) `x2d`; a `kernels.QuantizedRows`."""
+def rows_setup(x2d, block_size, ratios, kernels, zero_points: bool):
+    """What every search kernel's entry checks and allocates: (x as the kernels' view, or None
+    for no rows; packed; scales; zero points or None; block size; chunk; float32 ratios)."""
     x = np.asarray(x2d)
     if x.ndim != 2:
         raise ValueError(f"x2d must be 2-D (rows, n), got shape {x.shape}")
@@ -747,15 +746,27 @@ def mse_rows(
     nb = -(-n // bs)
     packed = np.empty((rows, -(-nb * bs // 2)), np.uint8)
     scales = np.empty((rows, nb), np.float32)
-    zp = np.empty((rows, nb), np.uint8) if fmt_name in ("uint4", "int4_ort") else None
+    zp = np.empty((rows, nb), np.uint8) if zero_points else None
     if rows == 0:
-        return kernels.QuantizedRows(packed, scales, zp)
-    xv = np.ascontiguousarray(x).view(kernels._VIEWS[x.dtype])
-    chunk = kernels._chunk(rows, nb, bs)
+        return None, packed, scales, zp, bs, 0, None
     ratios = np.asarray(ratios, np.float32).ravel()
-    nr = ratios.shape[0]
-    if nr == 0:
+    if ratios.shape[0] == 0:
         raise ValueError("ratios is empty; the grid needs at least ratio 1 (round to nearest)")
+    xv = np.ascontiguousarray(x).view(kernels._VIEWS[x.dtype])
+    return xv, packed, scales, zp, bs, kernels._chunk(rows, nb, bs), ratios
+
+
+def mse_rows(
+    fmt_name, x2d, block_size, ratios, num_threads, kernels, dc_weight=0.0, gain_weight=0.0
+):
+    """Run the search kernel for `fmt_name` on (rows, n) `x2d`; a `kernels.QuantizedRows`."""
+    zero_points = fmt_name in ("uint4", "int4_ort")
+    xv, packed, scales, zp, bs, chunk, ratios = rows_setup(
+        x2d, block_size, ratios, kernels, zero_points
+    )
+    if xv is None:
+        return kernels.QuantizedRows(packed, scales, zp)
+    nr = ratios.shape[0]
     dcw, gain = np.float32(dc_weight), np.float64(gain_weight)
     if fmt_name == "int4_ort":  # ORT's orientation at every ratio, then the other one
         lanes = _pad_lanes(

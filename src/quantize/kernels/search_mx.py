@@ -61,6 +61,7 @@ from .fp4 import (
     _vsplat,
     _work_item,
 )
+from .search import rows_setup
 
 _ONE = np.float32(1.0)
 #: candidates scored per pass over a block
@@ -281,25 +282,9 @@ def mse_mx_rows(fmt_name, x2d, block_size, ratios, num_threads, kernels):
     ratios (in order); a `kernels.QuantizedRows`."""
     if fmt_name not in ("mxfp4", "mxfp4_ceil"):
         raise ValueError(f"no MX search kernel for format {fmt_name!r}")
-    x = np.asarray(x2d)
-    if x.ndim != 2:
-        raise ValueError(f"x2d must be 2-D (rows, n), got shape {x.shape}")
-    if x.dtype not in kernels.QUANTIZE_DTYPES:
-        raise TypeError(f"no kernel for {x.dtype} input; supported: float32, float16, bfloat16")
-    rows, n = x.shape
-    if n == 0:
-        raise ValueError("x2d has rows of length 0; there is nothing to quantize")
-    ratios = np.asarray(ratios, np.float32).ravel()
-    if ratios.shape[0] == 0:
-        raise ValueError("ratios is empty; the grid needs at least ratio 1 (round to nearest)")
-    bs = kernels._check_block(block_size, n)
-    nb = -(-n // bs)
-    packed = np.empty((rows, -(-nb * bs // 2)), np.uint8)
-    scales = np.empty((rows, nb), np.float32)
-    if rows == 0:
+    xv, packed, scales, _, bs, chunk, ratios = rows_setup(x2d, block_size, ratios, kernels, False)
+    if xv is None:
         return kernels.QuantizedRows(packed, scales, None)
-    xv = np.ascontiguousarray(x).view(kernels._VIEWS[x.dtype])
-    chunk = kernels._chunk(rows, nb, bs)
     rises = np.flatnonzero(np.diff(ratios) > 0)  # the grid: the longest non-increasing start
     ngrid = int(rises[0]) + 1 if rises.size else ratios.shape[0]
     with kernels._launch(num_threads):
