@@ -1,4 +1,4 @@
-"""AWQ's scale family chosen on the whole model's calibration outputs (onnx.AWQ_MODEL_CHECK)."""
+"""AWQ's scale family chosen on the whole model's calibration outputs (awq_check=True)."""
 
 from __future__ import annotations
 
@@ -99,8 +99,9 @@ def test_no_check_without_calibration_data_or_when_turned_off(setup, monkeypatch
     details: dict = {}
     quantize_onnx_model(model, format="uint4", method="awq", details=details)
     assert not calls and not any("AWQ scales" in n for n in details["notes"])
-    monkeypatch.setattr(qonnx, "AWQ_MODEL_CHECK", False)
-    off, _ = quantize_onnx_model(model, format="uint4", method="awq", calib={"x": x})
+    off, _ = quantize_onnx_model(
+        model, format="uint4", method="awq", calib={"x": x}, awq_check=False
+    )
     full, _ = _one_pass(model, x, None)
     assert not calls and off.SerializeToString() == full.SerializeToString()
     quantize_onnx_model(model, format="uint4", method="gptq", calib={"x": x})
@@ -175,3 +176,20 @@ def test_external_data_output_skips_the_check_and_says_so(setup, tmp_path, monke
     assert not calls
     assert any("kept unchecked" in n for n in res["notes"]), res["notes"]
     assert (tmp_path / "q.onnx").exists()
+
+
+def test_awq_check_argument_and_cli_flag(setup, tmp_path, monkeypatch):
+    from quantize.cli import main
+
+    model, x = setup
+    with pytest.raises(TypeError, match="awq_check"):
+        quantize_onnx_model(model, method="awq", calib={"x": x}, awq_check="no")
+    calls = []
+    monkeypatch.setattr(calibration, "output_errors", lambda *a: calls.append(a) or [0.0, 0.0])
+    src, npz = tmp_path / "m.onnx", tmp_path / "calib.npz"
+    onnx.save(model, str(src))
+    np.savez(npz, x=x)
+    args = ["onnx", str(src), "-o", str(tmp_path / "q.onnx"), "--format", "uint4"]
+    args += ["--method", "awq", "--calib", str(npz), "--quiet"]
+    assert main([*args, "--no-awq-check"]) == 0 and not calls
+    assert main([*args, "--force"]) == 0 and len(calls) == 1

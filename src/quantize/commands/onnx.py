@@ -136,6 +136,12 @@ def add_parser(sub) -> None:
         help="calibration state held at once (Hessians, AWQ rows), MiB; above it the weights "
         "are calibrated in groups, one pass over the inputs each (default: 2048)",
     )
+    p.add_argument(
+        "--no-awq-check",
+        action="store_true",
+        help="awq, awq+gptq with --calib: skip the whole-model choice between AWQ scales with "
+        "and without the weight factor (which quantizes twice); keep the weight factor",
+    )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument(
         "--no-report", action="store_true", help="do not write OUT.report.json / OUT.report.md"
@@ -220,6 +226,7 @@ def run(args, out=None) -> int:
             calib=args.calib,
             target_bits=args.target_bits,
             calib_memory=int(args.calib_memory * 2**20),
+            awq_check=not args.no_awq_check,
             overwrite=args.force,
             progress=bar.step,
         )

@@ -79,13 +79,11 @@ CALIBRATED_METHODS = ("awq", "gptq", "awq+gptq")
 AWQ_SAMPLES = 4096
 #: default bound on the calibration state held at once (Hessians + AWQ rows), bytes
 CALIB_MEMORY = 2 << 30
-#: "awq" / "awq+gptq" with calibration data quantize the model twice, with AWQ's weight
-#: factor and without it (activation-only scales), and keep the one whose outputs on the
-#: calibration inputs are closer to the float model's. Per weight the factor always lowers
-#: the calibration output error, yet on the OCR recogniser's CTC head (6625 outputs, most
-#: never read) it made the model's held-out outputs 5x worse: only the whole model shows it
-#: (benchmarks/methods_real_models.md, "AWQ: the scale family chosen on the whole model").
-AWQ_MODEL_CHECK = True
+#: why `quantize_onnx_model(awq_check=True)` quantizes twice: per weight AWQ's weight factor
+#: always lowers the calibration output error, yet on the OCR recogniser's CTC head (6625
+#: outputs, most never read) it made the model's held-out outputs 5x worse; only the whole
+#: model shows it (benchmarks/methods_real_models.md, "Larger OCR sets; AWQ's scale family
+#: chosen on the whole model")
 #: the 8-bit option of mixed precision, per 4-bit format (MatMulNBits bits=8 / INT8 QDQ)
 EIGHT_BIT = {"int4": "int8", "uint4": "uint8", "int4_ort": "int8"}
 OUTPUTS = ("matmulnbits", "qdq")
@@ -553,6 +551,7 @@ def quantize_onnx_model(
     calib_memory: int | None = CALIB_MEMORY,
     details: dict | None = None,
     progress: Callable[[str, int], None] | None = None,
+    awq_check: bool = True,
 ) -> tuple[onnx.ModelProto, list[dict]]:
     """A copy of `model` with its MatMul/Gemm weights (and Gather tables) in 4 bits.
 
@@ -573,10 +572,10 @@ def quantize_onnx_model(
     in decreasing activation order, block params from the mse search: `GPTQ_OPTIONS`) and
     "awq+gptq" (per weight, whichever of awq, gptq and gptq on awq's scaled weight against
     the Hessian of x / s has the smallest output error on the calibration activations; rows
-    get "picked"). With calib data, awq and awq+gptq quantize the model twice, with AWQ's
-    weight-magnitude factor and with activation-only scales, and keep the model whose outputs
-    on the calibration inputs are closer to the float model's (`AWQ_MODEL_CHECK`; a note
-    gives both errors).
+    get "picked"). awq_check (awq and awq+gptq with calib data): quantize the model twice,
+    with AWQ's weight-magnitude factor and with activation-only scales, and keep the model
+    whose outputs on the calibration inputs are closer to the float model's (a note gives both
+    errors; twice the time). False: the weight factor, unchecked.
     calib: calibration inputs for the float model (see `calibration.calibration_feeds`): an
     .npz path or dict of arrays keyed by input name, first axis = samples, or a list of feed
     dicts; None: awq/gptq run on random inputs built from the model's input types (a note
@@ -614,6 +613,7 @@ def quantize_onnx_model(
         calib_memory=calib_memory,
         details=details,
         progress=progress,
+        awq_check=awq_check,
     )
     return out, rows
 
@@ -1200,12 +1200,15 @@ def _quantize_in_place(
     calib: Any = None,
     details: dict | None = None,
     spill: _Spill | None = None,
+    awq_check: bool = True,
     **options,
 ) -> list[dict]:
     """quantize_onnx_model's work on `model` itself (`_quantize_pass`), with AWQ's scale family
-    chosen on the whole model (`AWQ_MODEL_CHECK`)."""
+    chosen on the whole model (`awq_check`)."""
+    if not isinstance(awq_check, (bool, np.bool_)):
+        raise TypeError(f"awq_check must be True or False, got {awq_check!r}")
     check = (
-        AWQ_MODEL_CHECK
+        awq_check
         and isinstance(method, str)
         and method.lower() in ("awq", "awq+gptq")
         and calib is not None
