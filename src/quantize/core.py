@@ -121,7 +121,7 @@ def quantize_prepared(
     elif (
         fmt.name in getattr(algo, "kernel_formats", ())  # a method with its own compiled path
         and compute_dtype(arr.dtype) == np.float32
-        and kernels.wanted(fmt, np.float32, arr.size)
+        and kernels.wanted(fmt, np.float32, arr.size, tensor_scale=True)
     ):
         rows_fn = lambda x2d: algo.quantize_rows(fmt.name, x2d, bs, clip_ratio)  # noqa: E731
         data, scale, zp, tensor_scale, kernel_dq = _quantize_with_kernel(

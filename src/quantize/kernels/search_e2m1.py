@@ -1,4 +1,5 @@
-"""Numba kernel for the MSE clipping search (`quantize.algorithms.mse`) on mxfp4 and mxfp4_ceil.
+"""Numba kernels for the MSE clipping search (`quantize.algorithms.mse`) on mxfp4, mxfp4_ceil and
+nvfp4 (the E2M1-element formats with few distinct scales per block; nvfp4's at the end).
 
 Importing this module imports numba. The NumPy path (`MSESearch.choose_params`, `_pick_exact`)
 tries `MXFP4.choose_params(blocks, r)` for every ratio r of its grid (then the widening ratio
@@ -26,6 +27,13 @@ normal float32, CPU ms, rtn's kernel 1.5 / 1.3): block 32 / 128: 21 / 14 with al
 exponents per block and four lanes, 16.5 / 13.1 with the grid's two ends and three lanes, less
 with the direct E2M1 rounding (`_e2m1_round_vec`). Scoring two blocks at a time (six chains)
 gave 13.2 / 10.5 with it but took a cold compile from 8 s to 20 s: not kept.
+
+nvfp4 (`mse_nvfp4_kernel`): the tensor scale ts from the whole array first (`fp4.block_amax`,
+as round to nearest), then per block every ratio's E4M3 scale by `NVFP4.choose_params`' rule
+(amax * ratio in float32, / fl32(6 ts), E4M3 rounding, the nudge by the exact scalar rule
+where needed), the distinct ones (about 9 per block on the default grid) scored three at a
+time as above but with the encoder's IEEE division by the effective scale fl32(scale * ts)
+(an effective scale of 0 decodes every element to 0: its error is the sum of x^2).
 """
 
 from __future__ import annotations
@@ -46,12 +54,16 @@ from .fp4 import (
     _bits,
     _close_row,
     _e2m1_code_ir,
+    _e2m1_codes_div,
     _e2m1_codes_mul,
     _e2m1_div_any,
     _e2m1_value_ir,
     _load,
     _mul32,
     _mx_exponent_branchless,
+    _nvfp4_first,
+    _nvfp4_scale,
+    _nvfp4_short,
     _pow2,
     _put_nibble,
     _row_amax,
@@ -60,10 +72,12 @@ from .fp4 import (
     _vload,
     _vsplat,
     _work_item,
+    block_amax,
 )
 from .search import rows_setup
 
 _ONE = np.float32(1.0)
+_SIX = np.float32(6.0)
 #: candidates scored per pass over a block
 _SLOTS = 3
 _INF_BITS = np.int32(0x7F800000)
@@ -107,7 +121,7 @@ def _e2m1_round_vec(builder, q):
     return builder.bitcast(builder.or_(mag, builder.and_(x, _splat(-0x80000000))), _VF)
 
 
-def _make_sse_units(nblk: int):
+def _make_sse_units(nblk: int, divide: bool = False):
     """An intrinsic (xr, starts, units, params) -> the squared errors (float64, each summed in
     order of the elements) of `nblk` blocks xr[start:start + 16 * units] (starts: a tuple) at
     three scales each (params: the 3 scales, then their 3 reciprocals, block after block), 16
@@ -136,7 +150,8 @@ def _make_sse_units(nblk: int):
                     vd = builder.fpext(v, v64)
                     for c in range(3):
                         s, inv = p[6 * k + c], p[6 * k + 3 + c]
-                        deq = builder.fmul(_e2m1_round_vec(builder, builder.fmul(v, inv)), s)
+                        q = builder.fdiv(v, s) if divide else builder.fmul(v, inv)
+                        deq = builder.fmul(_e2m1_round_vec(builder, q), s)
                         d = builder.fsub(builder.fpext(deq, v64), vd)
                         sq.append(builder.fmul(d, d))
                 sums = [builder.load(a) for a in accs]
@@ -152,11 +167,14 @@ def _make_sse_units(nblk: int):
 
         return sig, codegen
 
-    sse.__name__ = sse.__qualname__ = f"sse_units{nblk}"
+    sse.__name__ = sse.__qualname__ = f"sse_units{nblk}{'_div' if divide else ''}"
     return intrinsic(sse)
 
 
 _sse_units1 = _make_sse_units(1)
+#: nvfp4's: x / d, d = fl32(block scale * tensor scale), not a power of two (the encoder's IEEE
+#: division; the params' reciprocal slots are unused)
+_sse_units1_div = _make_sse_units(1, divide=True)
 
 
 @njit(inline="always")
@@ -290,3 +308,140 @@ def mse_mx_rows(fmt_name, x2d, block_size, ratios, num_threads, kernels):
     with kernels._launch(num_threads):
         mse_mx_kernel(xv, packed, scales, ratios, ngrid, fmt_name == "mxfp4_ceil", bs, chunk)
     return kernels.QuantizedRows(packed, scales, None)
+
+
+# --- nvfp4: E4M3 block scales under a float32 tensor scale ---------------------------------------
+
+
+@intrinsic
+def _e2m1_div_deq(typingctx, v, d):
+    """E2M1 decode(encode(v / d)) * d in float32 for d > 0 (IEEE division, as `NVFP4.encode`)."""
+
+    def codegen(context, builder, sig, args):
+        code = _e2m1_code_ir(builder, builder.fdiv(args[0], args[1]))
+        return builder.fmul(_e2m1_value_ir(builder, code), args[1])
+
+    return types.float32(types.float32, types.float32), codegen
+
+
+@njit(inline="always")
+def _sse3_div(xb, d0, d1, d2):
+    """The block's squared errors (float64, in order of the elements) at effective scales
+    d0, d1, d2 > 0."""
+    units = xb.shape[0] // _W
+    a0, a1, a2 = _sse_units1_div(xb, (0,), units, (d0, d1, d2, d0, d1, d2))
+    for j in range(units * _W, xb.shape[0]):
+        v = _load(xb, j)
+        a0 += _sq(v, _e2m1_div_deq(v, d0))
+        a1 += _sq(v, _e2m1_div_deq(v, d1))
+        a2 += _sq(v, _e2m1_div_deq(v, d2))
+    return a0, a1, a2
+
+
+@njit(inline="always")
+def _sse_zero(xb):
+    """The squared error at an effective scale that underflowed to 0: every element decodes
+    to +-0 (x / 0 is +-inf or NaN, any code times 0), so it is the sum of x^2 in order."""
+    a = 0.0
+    for j in range(xb.shape[0]):
+        v = np.float64(_load(xb, j))
+        a += v * v
+    return a
+
+
+@njit(inline="always")
+def _nv_candidates(amax, ratios, ts, six_ts, t64, buf, sc):
+    """sc[:m] = the distinct block scales of `NVFP4.choose_params` at each ratio (amax * ratio
+    in float32, then the E4M3 rule with its nudge), in order of their first ratio; returns m.
+    All ratios' scales first in a loop LLVM vectorises (as `fp4._scales_from_amax`), then by
+    the exact scalar rule only if some needs its nudge (E4M3-subnormal block scales)."""
+    nr = ratios.shape[0]
+    bad = False
+    for k in range(nr):
+        a = _mul32(amax, ratios[k])
+        v = _nvfp4_first(a, six_ts)
+        bad |= _nvfp4_short(a, v, t64)
+        buf[k] = v
+    if bad:
+        for k in range(nr):
+            buf[k] = _nvfp4_scale(_bits(_mul32(amax, ratios[k])), ts, six_ts)
+    m = 0
+    for k in range(nr):
+        v = buf[k]
+        seen = False
+        for i in range(m):
+            seen |= sc[i] == v
+        if not seen:
+            sc[m] = v
+            m += 1
+    return m
+
+
+@njit(inline="always")
+def _best_nv_scale(xb, sc, m, ts):
+    """The first of sc[:m] with the least squared error at effective scale fl32(s * ts)."""
+    best = sc[0]
+    best_err = np.inf
+    top = m - 1
+    for g in range(0, m, _SLOTS):
+        d0 = _mul32(sc[g], ts)
+        d1 = _mul32(sc[min(g + 1, top)], ts)
+        d2 = _mul32(sc[min(g + 2, top)], ts)
+        if d0 > 0 and d1 > 0 and d2 > 0:
+            errs = _sse3_div(xb, d0, d1, d2)
+        else:  # rare (a tensor scale near float32's smallest): one by one
+            e = [_sse_zero(xb) if d == 0 else _sse3_div(xb, d, d, d)[0] for d in (d0, d1, d2)]
+            errs = (e[0], e[1], e[2])
+        for i in range(min(_SLOTS, m - g)):
+            err = errs[i]
+            if np.isnan(err):
+                err = np.inf
+            if (g == 0 and i == 0) or err < best_err:
+                best, best_err = sc[g + i], err
+    return best
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def mse_nvfp4_kernel(x, packed, scales, ratios, ts, bs, chunk):
+    """x (rows, n) -> packed codes and the searched E4M3 block scales (rows, nb) float32, which
+    hold the block amaxes on entry (`fp4.block_amax`); ts: the float32 tensor scale."""
+    rows, n = x.shape
+    nb = scales.shape[1]
+    nchunks = (nb + chunk - 1) // chunk
+    six_ts = _mul32(_SIX, ts)
+    t64 = np.float64(ts)
+    vec = bs % _W == 0
+    for item in prange(rows * nchunks):
+        r, b0, b1 = _work_item(item, nchunks, chunk, nb)
+        xr = x[r]
+        pr = packed[r]
+        sr = scales[r]
+        sc = np.empty(max(1, ratios.shape[0]), np.float32)
+        buf = np.empty(max(1, ratios.shape[0]), np.float32)
+        for b in range(b0, b1):
+            s0 = b * bs
+            m = _nv_candidates(sr[b], ratios, ts, six_ts, t64, buf, sc)
+            sr[b] = sc[0] if m == 1 else _best_nv_scale(xr[s0 : min(s0 + bs, n)], sc, m, ts)
+        fast_end = max(b0, min(b1, n // bs)) if vec else b0
+        _e2m1_codes_div(xr, pr, sr, b0, fast_end, bs, ts, (b1 - b0) * bs)
+        low = np.int32(0)  # other block sizes and the padded last block: nibble by nibble
+        for b in range(fast_end, b1):
+            s0 = b * bs
+            d = _mul32(sr[b], ts)
+            for j in range(bs):
+                c = _e2m1_div_any(_load(xr, s0 + j), d) if s0 + j < n else np.int32(0)
+                low = _put_nibble(pr, s0 + j, c, low)
+        _close_row(pr, b1 * bs, low)
+
+
+def mse_nvfp4_rows(x2d, block_size, ratios, num_threads, kernels):
+    """Run the nvfp4 search kernel on (rows, n) `x2d` with the search's ratios (in order); a
+    `kernels.QuantizedRows` with the tensor scale (of the whole array, as the NumPy path's)."""
+    xv, packed, scales, _, bs, chunk, ratios = rows_setup(x2d, block_size, ratios, kernels, False)
+    if xv is None:
+        return kernels.QuantizedRows(packed, scales, None, np.float32(1.0))
+    with kernels._launch(num_threads):
+        key = block_amax(xv, scales, bs, chunk)  # the block amaxes into `scales`
+        ts = kernels._nvfp4_tensor_scale(np.int32(key).view(np.float32))
+        mse_nvfp4_kernel(xv, packed, scales, ratios, ts, bs, chunk)
+    return kernels.QuantizedRows(packed, scales, None, ts)

@@ -1,4 +1,5 @@
-"""The compiled mse search for mxfp4 / mxfp4_ceil (`kernels.search_mx`) equals the NumPy path.
+"""The compiled mse search for mxfp4 / mxfp4_ceil / nvfp4 (`kernels.search_e2m1`) equals the
+NumPy path.
 
 Bit for bit (packed codes, scales): every kind of test matrix (heavy tails, ties, all-zero,
 subnormal, near float32's largest, where the widened candidate's amax * 2 overflows), float16
@@ -39,6 +40,10 @@ def _check(method, fmt, x, bs, clip=1.0):
     want = quantize_tensor(x, fmt, bs, clip_ratio=clip, method=method)
     assert same_bytes(got[0], want.data) and same_bytes(got[1], want.scales)
     assert got[2] is None and want.zero_points is None
+    if fmt == "nvfp4":
+        assert got.tensor_scale == want.tensor_scale
+    else:
+        assert got.tensor_scale is None and want.tensor_scale is None
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -174,3 +179,62 @@ def test_widening_past_float32_range(fmt):
     err = np.abs(got.dequantize(np.float64) - x).max()
     assert err <= np.abs(quantize_tensor(x, fmt, 32).dequantize(np.float64) - x).max()
     assert np.isfinite(f.choose_params(np.array([[[1e308, 1.0]]]), 2.0)[0]).all()
+
+
+# --------------------------------------------------------------------------------- nvfp4
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    kind=st.sampled_from(MATRIX_KINDS),
+    seed=st.integers(0, 2**32 - 1),
+    rows=st.integers(1, 4),
+    n=st.integers(1, 140),
+    bs=st.sampled_from([16, 32, 8, 33, 1, 48, None]),
+    dtype=st.sampled_from(DTYPES),
+    clip=st.sampled_from([1.0, 1.0, 0.7, 1e-3]),
+)
+def test_nvfp4_kernel_equals_numpy(kind, seed, rows, n, bs, dtype, clip):
+    """E4M3 block scales under the tensor scale: the same candidates (all distinct E4M3 values
+    of the grid), codes and tensor scale as the NumPy path, bit for bit."""
+    x = matrix(kind, seed, rows, n)
+    if dtype is not np.float32:
+        lim = 6e4 if dtype is np.float16 else 3.3e38
+        x = np.clip(x, -lim, lim).astype(dtype)
+    _check(get_method("mse"), "nvfp4", x, bs, clip)
+
+
+@pytest.mark.parametrize("search", GRIDS.values(), ids=GRIDS.keys())
+@pytest.mark.parametrize("kind", ["normal", "student-t", "ties", "huge", "tiny", "sparse"])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy's x / 0 where ts * scale is 0
+def test_nvfp4_other_grids_and_e4m3_subnormal_scales(search, kind):
+    """Other grids; and blocks far below the tensor's largest (E4M3-subnormal block scales,
+    where the nudge of the exact rule fires)."""
+    x = matrix(kind, 5, 6, 200)
+    x[0, :100] *= np.float32(2.0**-14)  # block scales below 2^-6: E4M3 subnormals
+    for bs in (16, 32, 33):
+        _check(search, "nvfp4", x, bs)
+
+
+def test_nvfp4_core_dispatch_threads_and_half_input(monkeypatch):
+    from quantize import kernels
+
+    x = matrix("student-t", 12, 128, 2100)
+    assert kernels.wanted(get_format("nvfp4"), np.float32, x.size, tensor_scale=True)
+    on = quantize_tensor(x, "nvfp4", 16, method="mse")
+    monkeypatch.setenv("QUANTIZE_KERNELS", "0")
+    off = quantize_tensor(x, "nvfp4", 16, method="mse")
+    monkeypatch.delenv("QUANTIZE_KERNELS")
+    assert same_bytes(on.data, off.data) and same_bytes(on.scales, off.scales)
+    assert on.tensor_scale == off.tensor_scale
+    m = get_method("mse")
+    one = m.quantize_rows("nvfp4", x, 16, num_threads=1)
+    two = m.quantize_rows("nvfp4", x, 16, num_threads=2)
+    assert all(same_bytes(a, b) for a, b in zip(one[:3], two[:3], strict=True))
+    assert one.tensor_scale == two.tensor_scale
+    h = x[:6].astype(np.float16)
+    got, want = m.quantize_rows("nvfp4", h, 16), m.quantize_rows("nvfp4", h.astype(np.float32), 16)
+    assert all(same_bytes(a, b) for a, b in zip(got[:3], want[:3], strict=True))
+    e_mse = ((on.dequantize(np.float64) - x) ** 2).sum()
+    e_rtn = ((quantize_tensor(x, "nvfp4", 16).dequantize(np.float64) - x) ** 2).sum()
+    assert e_mse < 0.95 * e_rtn
