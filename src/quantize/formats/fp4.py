@@ -69,7 +69,10 @@ class E2M1Codes(Format):
     zero_point = None
 
     def encode(self, blocks, scale, zero_point):
-        return e2m1_encode(blocks / scale[..., None])
+        # nvfp4's effective scale can underflow to 0: x / 0 is +-inf or NaN, which e2m1_encode
+        # maps (saturating; NaN's own rule), as the kernels do
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return e2m1_encode(blocks / scale[..., None])
 
     def decode(self, codes, scale, zero_point):
         return e2m1_decode(codes).astype(scale.dtype) * scale[..., None]

@@ -22,13 +22,14 @@ Then codes and packing as `fp4.quantize_e2m1` does for mx (`_e2m1_codes_mul`, th
 tail), so the bytes equal the NumPy path's.
 
 The candidates are scored three at a time in one pass over the block, the map in LLVM vector IR
-(`_make_sse_units`): three independent in-order float64 sums. Measured (one thread, 1024x4096
+(`_make_sse_units`): three independent in-order float64 sums, in one kernel for the three
+formats (`mse_e2m1_kernel`, a mode as `fp4.quantize_e2m1`). Measured (one thread, 1024x4096
 normal float32, CPU ms, rtn's kernel 1.5 / 1.3): block 32 / 128: 21 / 14 with all 22 candidate
 exponents per block and four lanes, 16.5 / 13.1 with the grid's two ends and three lanes, less
 with the direct E2M1 rounding (`_e2m1_round_vec`). Scoring two blocks at a time (six chains)
 gave 13.2 / 10.5 with it but took a cold compile from 8 s to 20 s: not kept.
 
-nvfp4 (`mse_nvfp4_kernel`): the tensor scale ts from the whole array first (`fp4.block_amax`,
+nvfp4 (mode MODE_NVFP4): the tensor scale ts from the whole array first (`fp4.block_amax`,
 as round to nearest), then per block every ratio's E4M3 scale by `NVFP4.choose_params`' rule
 (amax * ratio in float32, / fl32(6 ts), E4M3 rounding, the nudge by the exact scalar rule
 where needed), the distinct ones (about 9 per block on the default grid) scored three at a
@@ -51,6 +52,9 @@ from .fp4 import (
     _V32,
     _VF,
     _W,
+    MODE_MX_CEIL,
+    MODE_MX_FLOOR,
+    MODE_NVFP4,
     _bits,
     _close_row,
     _e2m1_code_ir,
@@ -198,6 +202,16 @@ def _sse3(xb, e0, e1, e2):
 
 
 @njit(inline="always")
+def _add_distinct(vals, m, v):
+    """vals[:m] holds distinct candidates in order of first appearance: add v if new; new m."""
+    for i in range(m):
+        if vals[i] == v:
+            return m
+    vals[m] = v
+    return m + 1
+
+
+@njit(inline="always")
 def _cand_exponent(amax, ratio, ceil):
     """`MXFP4.choose_params`' exponent at `ratio` for a block whose amax is float32 amax >= 0;
     where amax * ratio overflows float32 (the widening ratio 2 above 2^127), from the product
@@ -235,64 +249,32 @@ def _candidates(amax, ratios, ngrid, ceil, ex):
             m = 1 if e1 == e0 else 2
             start = ngrid
     for k in range(start, ratios.shape[0]):
-        e = _cand_exponent(amax, ratios[k], ceil)
-        seen = False
-        for i in range(m):
-            seen |= ex[i] == e
-        if not seen:
-            ex[m] = e
-            m += 1
+        m = _add_distinct(ex, m, _cand_exponent(amax, ratios[k], ceil))
     return m
 
 
 @njit(inline="always")
+def _fold_least(errs, g, m, best, best_err):
+    """The running first least (index, error) over candidates g.. g+2 of m with errors `errs`
+    (NaN counts as +inf; candidate 0 is always taken first)."""
+    for i in range(min(_SLOTS, m - g)):
+        err = errs[i]
+        if np.isnan(err):
+            err = np.inf
+        if (g == 0 and i == 0) or err < best_err:
+            best, best_err = g + i, err
+    return best, best_err
+
+
+@njit(inline="always")
 def _best_exponent(xb, ex, m):
-    """The first of ex[:m] with the least squared error (NaN counts as +inf)."""
-    best = ex[0]
-    best_err = np.inf
+    """The first of ex[:m] with the least squared error."""
+    best, best_err = 0, np.inf
+    top = m - 1
     for g in range(0, m, _SLOTS):
-        top = m - 1
         errs = _sse3(xb, ex[g], ex[min(g + 1, top)], ex[min(g + 2, top)])
-        for i in range(min(_SLOTS, m - g)):
-            err = errs[i]
-            if np.isnan(err):
-                err = np.inf
-            if (g == 0 and i == 0) or err < best_err:
-                best, best_err = ex[g + i], err
-    return best
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def mse_mx_kernel(x, packed, scales, ratios, ngrid, ceil, bs, chunk):
-    """x (rows, n) -> packed codes (rows, ceil(nb*bs/2)) and the searched scales (rows, nb)
-    float32, for mxfp4 (ceil False) or mxfp4_ceil; ratios: the search's float32 ratios in
-    order (the grid, then the widening ones), the first ngrid of them not increasing."""
-    rows, n = x.shape
-    nb = scales.shape[1]
-    nchunks = (nb + chunk - 1) // chunk
-    vec = bs % _W == 0
-    for item in prange(rows * nchunks):
-        r, b0, b1 = _work_item(item, nchunks, chunk, nb)
-        xr = x[r]
-        pr = packed[r]
-        sr = scales[r]
-        ex = np.empty(max(2, ratios.shape[0]), np.int32)
-        _row_amax(xr, sr, b0, b1, bs, n)  # sr[b] = the block's amax (real elements only)
-        fast_end = max(b0, min(b1, n // bs)) if vec else b0
-        for b in range(b0, b1):
-            s0 = b * bs
-            m = _candidates(sr[b], ratios, ngrid, ceil, ex)
-            xb = xr[s0 : min(s0 + bs, n)]
-            sr[b] = _pow2(ex[0] if m == 1 else _best_exponent(xb, ex, m))
-        _e2m1_codes_mul(xr, pr, sr, b0, fast_end, bs, _ONE, (b1 - b0) * bs)
-        low = np.int32(0)  # other block sizes and the padded last block: nibble by nibble
-        for b in range(fast_end, b1):
-            s0 = b * bs
-            d = sr[b]
-            for j in range(bs):
-                c = _e2m1_div_any(_load(xr, s0 + j), d) if s0 + j < n else np.int32(0)
-                low = _put_nibble(pr, s0 + j, c, low)
-        _close_row(pr, b1 * bs, low)
+        best, best_err = _fold_least(errs, g, m, best, best_err)
+    return ex[best]
 
 
 def mse_mx_rows(fmt_name, x2d, block_size, ratios, num_threads, kernels):
@@ -305,8 +287,9 @@ def mse_mx_rows(fmt_name, x2d, block_size, ratios, num_threads, kernels):
         return kernels.QuantizedRows(packed, scales, None)
     rises = np.flatnonzero(np.diff(ratios) > 0)  # the grid: the longest non-increasing start
     ngrid = int(rises[0]) + 1 if rises.size else ratios.shape[0]
+    mode = MODE_MX_CEIL if fmt_name == "mxfp4_ceil" else MODE_MX_FLOOR
     with kernels._launch(num_threads):
-        mse_mx_kernel(xv, packed, scales, ratios, ngrid, fmt_name == "mxfp4_ceil", bs, chunk)
+        mse_e2m1_kernel(xv, packed, scales, ratios, ngrid, mode, _ONE, bs, chunk)
     return kernels.QuantizedRows(packed, scales, None)
 
 
@@ -367,21 +350,14 @@ def _nv_candidates(amax, ratios, ts, six_ts, t64, buf, sc):
             buf[k] = _nvfp4_scale(_bits(_mul32(amax, ratios[k])), ts, six_ts)
     m = 0
     for k in range(nr):
-        v = buf[k]
-        seen = False
-        for i in range(m):
-            seen |= sc[i] == v
-        if not seen:
-            sc[m] = v
-            m += 1
+        m = _add_distinct(sc, m, buf[k])
     return m
 
 
 @njit(inline="always")
 def _best_nv_scale(xb, sc, m, ts):
     """The first of sc[:m] with the least squared error at effective scale fl32(s * ts)."""
-    best = sc[0]
-    best_err = np.inf
+    best, best_err = 0, np.inf
     top = m - 1
     for g in range(0, m, _SLOTS):
         d0 = _mul32(sc[g], ts)
@@ -392,22 +368,22 @@ def _best_nv_scale(xb, sc, m, ts):
         else:  # rare (a tensor scale near float32's smallest): one by one
             e = [_sse_zero(xb) if d == 0 else _sse3_div(xb, d, d, d)[0] for d in (d0, d1, d2)]
             errs = (e[0], e[1], e[2])
-        for i in range(min(_SLOTS, m - g)):
-            err = errs[i]
-            if np.isnan(err):
-                err = np.inf
-            if (g == 0 and i == 0) or err < best_err:
-                best, best_err = sc[g + i], err
-    return best
+        best, best_err = _fold_least(errs, g, m, best, best_err)
+    return sc[best]
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def mse_nvfp4_kernel(x, packed, scales, ratios, ts, bs, chunk):
-    """x (rows, n) -> packed codes and the searched E4M3 block scales (rows, nb) float32, which
-    hold the block amaxes on entry (`fp4.block_amax`); ts: the float32 tensor scale."""
+def mse_e2m1_kernel(x, packed, scales, ratios, ngrid, mode, ts, bs, chunk):
+    """x (rows, n) -> packed codes (rows, ceil(nb*bs/2)) and the searched scales (rows, nb)
+    float32. mode: MODE_MX_FLOOR (mxfp4), MODE_MX_CEIL (mxfp4_ceil) or MODE_NVFP4 (then
+    `scales` holds the block amaxes on entry, `fp4.block_amax`, and ts is the float32 tensor
+    scale; ignored otherwise). ratios: the search's float32 ratios in order (the grid, then
+    the widening ones), the first ngrid of them not increasing."""
     rows, n = x.shape
     nb = scales.shape[1]
     nchunks = (nb + chunk - 1) // chunk
+    nv = mode == MODE_NVFP4
+    ceil = mode == MODE_MX_CEIL
     six_ts = _mul32(_SIX, ts)
     t64 = np.float64(ts)
     vec = bs % _W == 0
@@ -416,18 +392,30 @@ def mse_nvfp4_kernel(x, packed, scales, ratios, ts, bs, chunk):
         xr = x[r]
         pr = packed[r]
         sr = scales[r]
-        sc = np.empty(max(1, ratios.shape[0]), np.float32)
-        buf = np.empty(max(1, ratios.shape[0]), np.float32)
+        ex = np.empty(max(2, ratios.shape[0]), np.int32)  # mx: distinct exponents
+        sc = np.empty(max(2, ratios.shape[0]), np.float32)  # nvfp4: distinct scales
+        buf = np.empty(max(2, ratios.shape[0]), np.float32)  # nvfp4: every ratio's scale
+        if not nv:
+            _row_amax(xr, sr, b0, b1, bs, n)  # sr[b] = the block's amax (real elements only)
         for b in range(b0, b1):
             s0 = b * bs
-            m = _nv_candidates(sr[b], ratios, ts, six_ts, t64, buf, sc)
-            sr[b] = sc[0] if m == 1 else _best_nv_scale(xr[s0 : min(s0 + bs, n)], sc, m, ts)
+            xb = xr[s0 : min(s0 + bs, n)]
+            if nv:
+                m = _nv_candidates(sr[b], ratios, ts, six_ts, t64, buf, sc)
+                sr[b] = sc[0] if m == 1 else _best_nv_scale(xb, sc, m, ts)
+            else:
+                m = _candidates(sr[b], ratios, ngrid, ceil, ex)
+                sr[b] = _pow2(ex[0] if m == 1 else _best_exponent(xb, ex, m))
         fast_end = max(b0, min(b1, n // bs)) if vec else b0
-        _e2m1_codes_div(xr, pr, sr, b0, fast_end, bs, ts, (b1 - b0) * bs)
+        ahead = (b1 - b0) * bs
+        if nv:
+            _e2m1_codes_div(xr, pr, sr, b0, fast_end, bs, ts, ahead)
+        else:  # x * 2^-e == x / 2^e, both rounded once
+            _e2m1_codes_mul(xr, pr, sr, b0, fast_end, bs, _ONE, ahead)
         low = np.int32(0)  # other block sizes and the padded last block: nibble by nibble
         for b in range(fast_end, b1):
             s0 = b * bs
-            d = _mul32(sr[b], ts)
+            d = _mul32(sr[b], ts) if nv else sr[b]
             for j in range(bs):
                 c = _e2m1_div_any(_load(xr, s0 + j), d) if s0 + j < n else np.int32(0)
                 low = _put_nibble(pr, s0 + j, c, low)
@@ -443,5 +431,5 @@ def mse_nvfp4_rows(x2d, block_size, ratios, num_threads, kernels):
     with kernels._launch(num_threads):
         key = block_amax(xv, scales, bs, chunk)  # the block amaxes into `scales`
         ts = kernels._nvfp4_tensor_scale(np.int32(key).view(np.float32))
-        mse_nvfp4_kernel(xv, packed, scales, ratios, ts, bs, chunk)
+        mse_e2m1_kernel(xv, packed, scales, ratios, ratios.shape[0], MODE_NVFP4, ts, bs, chunk)
     return kernels.QuantizedRows(packed, scales, None, ts)
