@@ -74,7 +74,8 @@ def test_tiny_scales_divide():
     x = (np.random.default_rng(5).standard_normal((4, 64)) * 1e-39).astype(np.float32)
     x[1] *= 1e-5
     _, scales, _ = check(x, 16)
-    assert np.isinf(np.float32(1) / scales.min())
+    with np.errstate(over="ignore"):  # the overflow is the point
+        assert np.isinf(np.float32(1) / scales.min())
 
 
 def test_core_dispatches_the_kernel(monkeypatch):
