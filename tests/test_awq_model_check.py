@@ -176,6 +176,11 @@ def test_external_data_output_skips_the_check_and_says_so(setup, tmp_path, monke
     assert not calls
     assert any("kept unchecked" in n for n in res["notes"]), res["notes"]
     assert (tmp_path / "q.onnx").exists()
+    off = quantize_onnx_file(
+        src, tmp_path / "q2.onnx", external_data=True, method="AWQ", calib={"x": x},
+        awq_check=False,
+    )  # fmt: skip
+    assert not calls and not any("unchecked" in n for n in off["notes"]), off["notes"]
 
 
 def test_awq_check_argument_and_cli_flag(setup, tmp_path, monkeypatch):

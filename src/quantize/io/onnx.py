@@ -1207,18 +1207,17 @@ def _quantize_in_place(
     chosen on the whole model (`awq_check`)."""
     if not isinstance(awq_check, (bool, np.bool_)):
         raise TypeError(f"awq_check must be True or False, got {awq_check!r}")
-    check = (
+    wanted = (
         awq_check
         and isinstance(method, str)
         and method.lower() in ("awq", "awq+gptq")
         and calib is not None
-        and spill is None
     )
-    if not check:
+    if not wanted or spill is not None:
         rows = _quantize_pass(
             model, method=method, calib=calib, details=details, spill=spill, **options
         )
-        if spill is not None and details is not None and method in ("awq", "awq+gptq"):
+        if wanted and details is not None:  # only the spill stopped it
             details["notes"].append(
                 f"{method}: AWQ's weight factor kept unchecked (the whole-model check is "
                 "skipped for external-data models, which are not held in memory twice)"

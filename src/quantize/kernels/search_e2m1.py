@@ -235,8 +235,8 @@ def _candidates(amax, ratios, ngrid, ceil, ex):
     finite, so are all of the first ngrid products, and the exponent rule is monotone on them:
     their exponents run from the first's down to the last's, which (the default grid: ratios
     1 .. 0.5) are at most one apart, so the two ends are all of them. Otherwise (0 or a grid
-    down past half), and for
-    the ratios after ngrid (the widening ones), exponent by exponent."""
+    down past half), and for the ratios after ngrid (the widening ones), exponent by
+    exponent."""
     m = 0
     start = 0
     a0 = _mul32(amax, ratios[0])
