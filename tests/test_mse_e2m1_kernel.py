@@ -217,3 +217,23 @@ def test_nvfp4_core_dispatch_threads_and_half_input(monkeypatch):
     e_mse = ((on.dequantize(np.float64) - x) ** 2).sum()
     e_rtn = ((quantize_tensor(x, "nvfp4", 16).dequantize(np.float64) - x) ** 2).sum()
     assert e_mse < 0.95 * e_rtn
+
+
+def test_nvfp4_scales_rising_where_raw_underflows():
+    """Blocks so far below the tensor's largest that amax * ratio / (6 ts) underflows to 0 for
+    the smaller ratios only: the rule's scale 1 there is a rise in the grid's otherwise falling
+    scales (the kernel's fast distinct-scale scan must notice it)."""
+    f = get_format("nvfp4")
+    big = np.float32(2.0**100)
+    ts = f.tensor_scale(np.array([[[big]]], np.float32))
+    edge = np.float32(2.0**-149) * np.float32(6.0) * np.float32(ts)  # raw(1) at the smallest
+    x = np.zeros((2, 16 * 12), np.float32)
+    x[0, 0] = big
+    for b, k in enumerate([0.6, 0.8, 1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 1e3, 1e6, 1e9]):
+        x[1, 16 * b : 16 * b + 16] = np.float32(k) * edge * np.linspace(-1, 1, 16, dtype=np.float32)
+    blocks = x.reshape(2, 12, 16)
+    s_top, s_half = f.choose_params(blocks, 1.0)[0], f.choose_params(blocks, 0.5)[0]
+    assert (s_half > s_top).any()  # the rise this test is about
+    for search in (get_method("mse"), *GRIDS.values()):
+        _check(search, "nvfp4", x, 16)
+        _check(search, "nvfp4", x, 32)
