@@ -48,13 +48,36 @@ def setup():
     return _model(rng), x
 
 
-def _one_pass(model, x, powers, method="awq"):
+def _one_pass(model, x, powers, method="awq", family=None):
+    """One pass of the check on a copy of `model`, AWQ searching with these betas (None: its
+    own) afresh, or as `family` says."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    if family is None and powers is not None:
+        family = qonnx._AwqFamily(tuple(powers), record=False)
     rows = qonnx._quantize_pass(
-        m, format="uint4", block_size=32, method=method, calib={"x": x}, awq_powers=powers
+        m, format="uint4", block_size=32, method=method, calib={"x": x}, awq=family
     )
     return m, rows
+
+
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_the_activation_only_pass_reuses_the_first_passes_search(setup, method):
+    """The weight-factor pass records each weight's activation-only result; the second pass
+    takes it (no search of its own) and makes the same model as a fresh search would."""
+    from quantize.algorithms.awq import WEIGHT_POWERS
+
+    model, x = setup
+    first = qonnx._AwqFamily(tuple(WEIGHT_POWERS), record=True)
+    full, _ = _one_pass(model, x, None, method, first)
+    assert len(first.shared) == 2  # both weights
+    plain, _ = _one_pass(model, x, WEIGHT_POWERS, method)
+    assert full.SerializeToString() == plain.SerializeToString()
+    second = qonnx._AwqFamily((0.0,), record=False, shared=first.shared)
+    act, _ = _one_pass(model, x, None, method, second)
+    assert not first.shared  # taken, not searched again
+    fresh, _ = _one_pass(model, x, (0.0,), method)
+    assert act.SerializeToString() == fresh.SerializeToString()
 
 
 @pytest.mark.parametrize("method", ["awq", "awq+gptq"])

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _matrices import awq_layers
+from _matrices import awq_layers, same_bytes
 from quantize import quantize_tensor
 from quantize.algorithms.awq import WEIGHT_POWERS, _weight_magnitude, awq_apply, awq_scan
 
@@ -75,6 +75,31 @@ def test_never_worse_than_rtn_or_the_activation_only_search(case, silent):
     assert np.isfinite(res.scales).all() and (res.scales > 0).all()
     got = objective(w, x, res.scales, fmt, bs)
     assert got <= res.rtn_loss * (1 + 1e-9) + 1e-9
+
+
+@SETTINGS
+@given(case=awq_layers(), clip=st.booleans())
+def test_activation_only_result_equals_its_own_search(case, clip):
+    """awq_scan(activation_only=True) also gives what weight_powers=(0,) gives, bit for bit
+    (scales, codes, clip ratios, losses), and its main result is unchanged."""
+    w, x, fmt, bs = case
+    both = awq_scan(w, x, fmt, bs, grid=4, clip=clip, activation_only=True)
+    main = awq_scan(w, x, fmt, bs, grid=4, clip=clip)
+    only = awq_scan(w, x, fmt, bs, grid=4, clip=clip, weight_powers=(0,))
+    got = both.activation_only
+    assert main.activation_only is None and got.activation_only is None
+    for want, have in ((only, got), (main, both)):
+        assert same_bytes(want.scales, have.scales) and (want.alpha, want.beta) == (
+            have.alpha,
+            have.beta,
+        )
+        assert same_bytes(want.quantized.data, have.quantized.data)
+        assert same_bytes(want.quantized.scales, have.quantized.scales)
+        assert np.array_equal(want.grid_losses, have.grid_losses, equal_nan=True)
+        assert want.clip_loss == have.clip_loss
+        assert (want.clip_ratios is None) == (have.clip_ratios is None)
+        if want.clip_ratios is not None:
+            assert np.array_equal(want.clip_ratios, have.clip_ratios)
 
 
 def test_silent_weight_or_inputs_give_s_one():

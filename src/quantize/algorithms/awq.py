@@ -51,6 +51,7 @@ benchmarks/methods_real_models.md, "AWQ: weight factor and two-ended clip".
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,6 +125,9 @@ class AwqSearch:
     beta: float = 0.0
     betas: np.ndarray | None = None
     grid_losses: np.ndarray | None = None
+    #: with activation_only=True: the search as `weight_powers=(0,)` would have made it (the
+    #: best of the beta = 0 candidates, clipped likewise), from the same losses
+    activation_only: AwqSearch | None = None
 
     @property
     def rtn_loss(self) -> float:
@@ -207,6 +211,7 @@ def awq_scan(
     clip_ratio: float = 1.0,
     clip: bool = True,
     weight_powers=WEIGHT_POWERS,
+    activation_only: bool = False,
 ) -> AwqSearch:
     """`awq_search` with its working: the alphas tried (i/grid, i = 0..grid) and their losses.
 
@@ -214,6 +219,9 @@ def awq_scan(
     result's `quantized` is then the clipped weight when that lowered the objective.
     weight_powers: the betas of s = mean|x|^alpha / m_w^beta to try (module doc); beta = 0 is
     always tried, so (0,) is the activation-only search.
+    activation_only: also give (`.activation_only`) what weight_powers=(0,) would give, the
+    same bytes: its candidates and their losses are the first ones here, so only its clipping
+    search is extra (the ONNX path's whole-model check wants both).
     """
     w = prepare(weight, "weight")
     if w.ndim != 2:
@@ -266,17 +274,16 @@ def awq_scan(
     mag_top = float(mag.max())
     per_batch = max(1, _BATCH_BYTES // max(1, w64.nbytes))
     pending: list[tuple[tuple[int, int], np.ndarray, QuantizedTensor, np.ndarray]] = []
-    best = None
-    best_s, best_alpha, best_beta, best_qt = np.ones(k, np.float32), 0.0, 0.0, None
+    # per family (0: every candidate; 1: beta = 0's only): [loss, s, alpha, beta, qt]
+    best = [[None, np.ones(k, np.float32), 0.0, 0.0, None] for _ in range(2)]
 
     def settle() -> None:
-        nonlocal best, best_s, best_alpha, best_beta, best_qt
         for (ij, s, qt, _), value in zip(pending, losses_of([p[3] for p in pending]), strict=True):
             grid_losses[ij] = value
             # ties keep the earlier candidate: rtn first, then beta = 0's alphas, then beta's
-            if best is None or value < best:
-                best, best_s, best_qt = value, s, qt
-                best_alpha, best_beta = float(alphas[ij[1]]), float(betas[ij[0]])
+            for fam in best if ij[0] == 0 else best[:1]:
+                if fam[0] is None or value < fam[0]:
+                    fam[:] = [value, s, float(alphas[ij[1]]), float(betas[ij[0]]), qt]
         pending.clear()
 
     candidates = [(0, j) for j in range(len(alphas))]
@@ -286,6 +293,11 @@ def awq_scan(
             (i, j) for i in range(1, len(betas)) for j in range(0, len(alphas), _WEIGHT_ALPHA_STEP)
         ]
     for i, j in candidates:
+        if i > 0 and pending and pending[-1][0][0] == 0:
+            # beta = 0's candidates are batched alone, as weight_powers=(0,) batches them: a
+            # BLAS product's last bits can depend on its width, and `activation_only` promises
+            # that search's very bytes
+            settle()
         alpha, beta = float(alphas[j]), float(betas[i])
         if top == 0 or (alpha == 0 and beta == 0):
             s = np.ones(k, np.float32)  # exactly rtn
@@ -309,35 +321,40 @@ def awq_scan(
             settle()
     if pending:
         settle()
-    losses = grid_losses[0].copy()
-    ratios = clip_loss = None
-    if clip and best_qt is not None:
-        hb = _diag_blocks(xs, h, best_qt.block_size)
-        best_qt, ratios, clip_loss = _clip_search(
-            w,
-            w64,
-            best_s,
-            best_qt,
-            fmt,
-            clip_ratio,
-            method,
-            hb,
-            best,
-            losses_of,
-            pairs=_pairs_for(fmt, best_qt),
+    hb = None
+
+    def finish(fam, betas_, grid) -> AwqSearch:
+        nonlocal hb
+        loss, s, alpha, beta, qt = fam
+        ratios = clip_loss = None
+        if clip and qt is not None:
+            if hb is None:
+                hb = _diag_blocks(xs, h, qt.block_size)
+            qt, ratios, clip_loss = _clip_search(
+                w, w64, s, qt, fmt, clip_ratio, method, hb, loss, losses_of,
+                pairs=_pairs_for(fmt, qt),
+            )  # fmt: skip
+        return AwqSearch(
+            scales=s,
+            alpha=alpha,
+            alphas=alphas,
+            losses=grid_losses[0].copy(),
+            quantized=qt,
+            clip_ratios=ratios,
+            clip_loss=clip_loss,
+            beta=beta,
+            betas=betas_,
+            grid_losses=grid,
         )
-    return AwqSearch(
-        scales=best_s,
-        alpha=best_alpha,
-        alphas=alphas,
-        losses=losses,
-        quantized=best_qt,
-        clip_ratios=ratios,
-        clip_loss=clip_loss,
-        beta=best_beta,
-        betas=betas,
-        grid_losses=grid_losses,
-    )
+
+    result = finish(best[0], betas, grid_losses)
+    if not activation_only:
+        return result
+    if best[0][3] == 0.0:  # the best is a beta = 0 candidate: the first least of both families
+        alone = dataclasses.replace(result, betas=betas[:1], grid_losses=grid_losses[:1].copy())
+    else:
+        alone = finish(best[1], betas[:1], grid_losses[:1].copy())
+    return dataclasses.replace(result, activation_only=alone)
 
 
 def _clip_pairs() -> np.ndarray:

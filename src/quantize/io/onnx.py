@@ -844,7 +844,7 @@ def _quantize_weights(
     progress: Callable[[str, int], None] | None = None,
     keep: Callable[[tuple[str, int], QuantizedTensor], Any] | None = None,
     scratch: str | os.PathLike | None = None,
-    awq_powers=None,
+    awq: _AwqFamily | None = None,
 ) -> tuple[dict, dict, dict]:
     """(quantized tensors, report rows, AWQ 1/s), each keyed by (weight, axis).
 
@@ -988,7 +988,7 @@ def _quantize_weights(
                     target_bits=target_bits,
                     skipped=skipped,
                     notes=notes,
-                    awq_powers=awq_powers,
+                    awq=awq,
                 )
                 if plan is not None:
                     if target_bits is None:  # one option: final now, nothing held but its row
@@ -1043,7 +1043,7 @@ def _plan_weight(
     target_bits,
     skipped,
     notes,
-    awq_powers=None,
+    awq: _AwqFamily | None = None,
 ) -> dict | None:
     """Quantize one weight every way in `options`, with its output errors while H is at hand."""
     name, axis = key
@@ -1070,7 +1070,7 @@ def _plan_weight(
             notes.append(f"{name}: no activations captured; {method} -> rtn")
     try:
         choices = {
-            f"{f}/b{b}": _quantize_one(w, axis, f, b, own, h, x, awq_powers) for f, b in options
+            f"{f}/b{b}": _quantize_one(w, axis, f, b, own, h, x, awq, key) for f, b in options
         }
     except ValueError as exc:
         skipped.append(
@@ -1123,20 +1123,44 @@ def _gptq(w_kn: np.ndarray, h: np.ndarray, format: str, block_size: int) -> Quan
     return gptq_quantize(w_kn.astype(np.float32), h, format, block_size, **GPTQ_OPTIONS)
 
 
-def _awq(w_kn, x, format, block_size, powers=None) -> tuple[np.ndarray, QuantizedTensor]:
-    """AWQ's scales s for w_kn (K, N) and the scaled weight quantized plainly; powers: the
-    weight factor's betas (None: awq_scan's own)."""
+@dataclasses.dataclass
+class _AwqFamily:
+    """One pass of `_quantize_in_place`'s AWQ check: the weight factor's betas to search, and
+    the activation-only results of every weight, which the weight-factor pass records (its
+    search scores their candidates anyway: `awq_scan(activation_only=True)`) and the
+    activation-only pass takes instead of searching again, the same bytes."""
+
+    powers: tuple
+    record: bool
+    #: (weight, axis, format, block size) -> (s, quantized) of the activation-only search
+    shared: dict = dataclasses.field(default_factory=dict)
+
+
+def _awq(
+    w_kn, x, format, block_size, family: _AwqFamily | None = None, key=None
+) -> tuple[np.ndarray, QuantizedTensor]:
+    """AWQ's scales s for w_kn (K, N) and the scaled weight quantized plainly; family: the
+    check's pass (None: awq_scan's own betas), key: the weight's (name, axis) in it."""
     from ..algorithms.awq import awq_apply, awq_scan
 
+    def result(res) -> tuple[np.ndarray, QuantizedTensor]:
+        s = np.asarray(res.scales, np.float32)
+        # the search quantized awq_apply(w32, s) this very way already
+        qt = res.quantized
+        if qt is None:
+            qt = quantize_tensor(awq_apply(w32, s), format, block_size, axis=0)
+        return s, qt
+
     w32 = w_kn.astype(np.float32)
-    kw = {} if powers is None else {"weight_powers": powers}
-    res = awq_scan(w32, x, format, block_size, **kw)
-    s = np.asarray(res.scales, np.float32)
-    # the search quantized awq_apply(w32, s) this very way already
-    qt = res.quantized
-    if qt is None:
-        qt = quantize_tensor(awq_apply(w32, s), format, block_size, axis=0)
-    return s, qt
+    shared_key = (key, format, block_size)
+    if family is not None and not family.record and shared_key in family.shared:
+        return family.shared.pop(shared_key)
+    kw = {} if family is None else {"weight_powers": family.powers}
+    record = family is not None and family.record and key is not None
+    res = awq_scan(w32, x, format, block_size, activation_only=record, **kw)
+    if record:
+        family.shared[shared_key] = result(res.activation_only)
+    return result(res)
 
 
 def _awq_gptq(w_kn, s, h, format, block_size) -> QuantizedTensor:
@@ -1156,9 +1180,11 @@ def _quantize_one(
     method: str,
     h: np.ndarray | None,
     x: np.ndarray | None,
-    awq_powers=None,
+    awq: _AwqFamily | None = None,
+    key: tuple[str, int] | None = None,
 ) -> _Choice:
-    """Quantize one 2-D weight (blocks along `axis`) with `method`; scales in w's dtype.
+    """Quantize one 2-D weight (blocks along `axis`) with `method`; scales in w's dtype. awq,
+    key: the AWQ check's pass and the weight's (name, axis) (`_AwqFamily`).
 
     "awq+gptq" tries AWQ, GPTQ and GPTQ on AWQ's scaled weight and keeps whichever has the
     smallest output error tr(D^T H D) on the calibration activations (so, on those, it is
@@ -1175,10 +1201,10 @@ def _quantize_one(
     if method == "gptq":
         return finish(_gptq(w_kn, h, format, block_size), None, "gptq")
     if method == "awq":
-        s, qt = _awq(w_kn, x, format, block_size, awq_powers)
+        s, qt = _awq(w_kn, x, format, block_size, awq, key)
         return finish(qt, (1.0 / s).astype(np.float32), "awq")
     if method == "awq+gptq":
-        s, qt = _awq(w_kn, x, format, block_size, awq_powers)
+        s, qt = _awq(w_kn, x, format, block_size, awq, key)
         inv = (1.0 / s).astype(np.float32)
         tried = [
             finish(qt, inv, "awq"),
@@ -1230,7 +1256,9 @@ def _quantize_in_place(
     float_model.CopyFrom(model)
     progress = options.pop("progress", None)
     runs = []
-    for powers, tag in ((WEIGHT_POWERS, "weight factor"), ((0.0,), "activation-only")):
+    first = _AwqFamily(tuple(WEIGHT_POWERS), record=True)
+    second = _AwqFamily((0.0,), record=False, shared=first.shared)
+    for family, tag in ((first, "weight factor"), (second, "activation-only")):
         m = model if not runs else onnx.ModelProto()
         if runs:
             m.CopyFrom(float_model)
@@ -1242,7 +1270,7 @@ def _quantize_in_place(
                 progress(f"{name} ({tag})", 2 * total)
 
         rows = _quantize_pass(
-            m, method=method, calib=calib, details=d, awq_powers=powers, progress=step, **options
+            m, method=method, calib=calib, details=d, awq=family, progress=step, **options
         )
         runs.append((m, rows, d))
     feeds = calibration_feeds(float_model, calib)
@@ -1280,10 +1308,10 @@ def _quantize_pass(
     progress: Callable[[str, int], None] | None = None,
     spill: _Spill | None = None,
     scratch: str | os.PathLike | None = None,
-    awq_powers=None,
+    awq: _AwqFamily | None = None,
 ) -> list[dict]:
-    """quantize_onnx_model's work on `model` itself, one way. awq_powers: AWQ's weight-factor
-    betas (None: `awq.WEIGHT_POWERS`). spill: each weight's new initializers are
+    """quantize_onnx_model's work on `model` itself, one way. awq: the AWQ check's pass (None:
+    AWQ's own betas, `awq.WEIGHT_POWERS`). spill: each weight's new initializers are
     laid out as soon as its tensor is chosen and their bytes moved to that file. scratch: the
     folder for mixed precision's candidates (None: the spill file's, else the system's)."""
     _check_args(format, block_size, output, accuracy_level, method, target_bits)
@@ -1367,7 +1395,7 @@ def _quantize_pass(
         progress=progress,
         keep=None if spill is None else keep,
         scratch=scratch if scratch is not None or spill is None else spill.path.parent,
-        awq_powers=awq_powers,
+        awq=awq,
     )
     sites = [s for s in sites if (s.weight, s.axis) in quantized]
     if not sites:
