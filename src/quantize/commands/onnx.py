@@ -140,7 +140,7 @@ def add_parser(sub) -> None:
         "--no-awq-check",
         action="store_true",
         help="awq, awq+gptq with --calib: skip the whole-model choice between AWQ scales with "
-        "and without the weight factor (which quantizes twice); keep the weight factor",
+        "and without the weight factor (which builds the model twice); keep the weight factor",
     )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument(

@@ -575,7 +575,8 @@ def quantize_onnx_model(
     get "picked"). awq_check (awq and awq+gptq with calib data): quantize the model twice,
     with AWQ's weight-magnitude factor and with activation-only scales, and keep the model
     whose outputs on the calibration inputs are closer to the float model's (a note gives both
-    errors; twice the time). False: the weight factor, unchecked.
+    errors; the second pass takes AWQ's search from the first, so it costs the capture of
+    activations and the model's other work again). False: the weight factor, unchecked.
     calib: calibration inputs for the float model (see `calibration.calibration_feeds`): an
     .npz path or dict of arrays keyed by input name, first axis = samples, or a list of feed
     dicts; None: awq/gptq run on random inputs built from the model's input types (a note
