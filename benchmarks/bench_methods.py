@@ -2,7 +2,8 @@
 
 Run by hand: python benchmarks/bench_methods.py [--quick] [--no-hqq]
 Part 1, time: quantize_tensor on 4096x4096 float32 (seeded normal) at block 32 and 128 for
-int4, uint4, int4_ort, mxfp4 and nvfp4 (the formats with a compiled mse search), kernels on and off,
+int4, uint4, int4_ort, nf4, fp4_e2m1, mxfp4 and nvfp4 (the formats with a compiled mse search),
+kernels on and off,
 best of 3 after a warm-up call (which compiles or loads the kernels; on the NumPy path mse is
 timed once, without one: several seconds a call);
 the ratio is each method's time over rtn's on the same path, and for the kernels also the
@@ -12,8 +13,6 @@ run: rtn (kernel where there is one), hqq's compiled path (best of 3) and its Nu
 (QUANTIZE_KERNELS=0, one call: ~30 s each, 60+ s for the float zero point formats),
 with the ratios to rtn (wall, and process CPU time for the compiled path: less noisy on a
 shared machine) and whether both hqq paths gave the same bytes.
-Part 1c, the formats whose mse search has no kernel (nf4, fp4_e2m1): rtn (its kernel) against
-mse (the NumPy path, one call) on a 1024x4096 slice, with the ratio.
 Part 2, accuracy: SQNR (dB) of each method and its gain over rtn for int4, uint4, int4_ort,
 nf4, fp4_e2m1, mxfp4 and nvfp4 at block 32 and 128, on gaussian and student-t(4) 4096x4096
 weights. --quick uses 1024x4096.
@@ -70,18 +69,6 @@ def timing(x: np.ndarray, formats: list[str], methods: list[str]) -> None:
                 )
                 print(f"{fmt:8s} {bs:5d} {path:8s} {cells}   {ratios}   {cpus}")
     os.environ["QUANTIZE_KERNELS"] = "1"
-
-
-def float_timing(x: np.ndarray, formats: list[str]) -> None:
-    """rtn (kernel) against the NumPy mse search for the formats without a search kernel."""
-    print(f"\n{'format':8s} {'block':>5s} {'rtn ms':>9s} {'mse ms':>9s} {'mse/rtn':>8s}")
-    for fmt in formats:
-        for bs in (32, 128):
-            rtn = lambda: quantize_tensor(x, fmt, bs)  # noqa: B023, E731
-            rtn()
-            t_rtn = best(rtn, 3)
-            t_mse = best(lambda: quantize_tensor(x, fmt, bs, method="mse"), 1)  # noqa: B023
-            print(f"{fmt:8s} {bs:5d} {t_rtn * 1e3:9.1f} {t_mse * 1e3:9.1f} {t_mse / t_rtn:8.1f}")
 
 
 def cpu_best(fn, runs: int = 3) -> float:
@@ -152,10 +139,9 @@ def main() -> None:
     args = ap.parse_args()
     methods = ["rtn", "mse"] + ([] if args.no_hqq else ["hqq"])
     x = np.random.default_rng(0).standard_normal((4096, 4096)).astype(np.float32)
-    timing(x, ["int4", "uint4", "int4_ort", "mxfp4", "nvfp4"], ["rtn", "mse"])
+    timing(x, ["int4", "uint4", "int4_ort", "nf4", "fp4_e2m1", "mxfp4", "nvfp4"], ["rtn", "mse"])
     if not args.no_hqq:
         hqq_timing(x, ["int4", "uint4", "int4_affine", "uint4_float_zp"])
-    float_timing(x[:1024], ["nf4", "fp4_e2m1"])
     accuracy((1024, 4096) if args.quick else (4096, 4096), methods)
 
 

@@ -85,8 +85,8 @@ def test_registered():
         (lambda: HalfQuadratic(kappa=0.5), ValueError, "kappa"),
         (lambda: HalfQuadratic(update_scale=1), TypeError, "update_scale"),
         (lambda: get_method("mse2"), ValueError, "mse2"),
-        (lambda: MSESearch().quantize_rows("nf4", np.ones((2, 4), np.float32), 4), ValueError,
-         "nf4"),
+        (lambda: MSESearch().quantize_rows("nf4_dq", np.ones((2, 4), np.float32), 4), ValueError,
+         "nf4_dq"),
     ],
 )  # fmt: skip
 def test_bad_options_are_named(make, exc, word):

@@ -77,9 +77,11 @@ The decoded values are in the compute dtype (float32, or float64 for float64 inp
 differences, squares and sums in float64. The padding of a row's last block is not scored (the
 core says how long it is; n counts only the real elements). The sums run in a fixed order,
 `block_sse`, which the numba kernels (`kernels.search`: int4, uint4 and int4_ort;
-`kernels.search_e2m1`: mxfp4, mxfp4_ceil and nvfp4 with plain squared error; from
-float32/float16/bfloat16) follow too, so both paths pick the same candidate, bit for bit. The
-other formats (nf4, fp4_e2m1, ...) search on the NumPy path only.
+`kernels.search_e2m1`: mxfp4, mxfp4_ceil and nvfp4 with plain squared error;
+`kernels.search_codebook`: fp4_e2m1 and nf4 with plain squared error, every candidate scored
+exactly as `_pick_exact` does; from float32/float16/bfloat16) follow too, so both paths pick
+the same candidate, bit for bit. The other formats (nf4_dq, int4_affine, ...) search on the
+NumPy path only.
 """
 
 from __future__ import annotations
@@ -107,6 +109,9 @@ _CHUNK_ELEMENTS = 1 << 20
 _INT_KERNEL_FORMATS = ("int4", "uint4", "int4_ort")
 #: formats with a compiled exact search (`kernels.search_e2m1`) when the objective is plain sse
 _E2M1_KERNEL_FORMATS = ("mxfp4", "mxfp4_ceil", "nvfp4")
+#: formats with float32 block scales and a compiled exact search (`kernels.search_codebook`)
+#: when the objective is plain sse
+_CODEBOOK_KERNEL_FORMATS = ("fp4_e2m1", "nf4")
 
 
 def block_sse(err2: np.ndarray) -> np.ndarray:
@@ -414,10 +419,12 @@ class MSESearch:
     @property
     def kernel_formats(self) -> tuple[str, ...]:
         """Formats with a compiled search (`quantize_rows`), for float32/float16/bfloat16 input:
-        int4, uint4, int4_ort, and mxfp4 / mxfp4_ceil / nvfp4 while their objective is plain
-        squared error (`kernels.search_e2m1`; dc_weight and gain_weight 0, their defaults)."""
-        e2m1 = _E2M1_KERNEL_FORMATS if not self.dc_weight and not self.gain_weight else ()
-        return _INT_KERNEL_FORMATS + e2m1
+        int4, uint4, int4_ort, and mxfp4 / mxfp4_ceil / nvfp4 / fp4_e2m1 / nf4 while their
+        objective is plain squared error (`kernels.search_e2m1`, `kernels.search_codebook`;
+        dc_weight and gain_weight 0, their defaults)."""
+        plain = not self.dc_weight and not self.gain_weight
+        exact = _E2M1_KERNEL_FORMATS + _CODEBOOK_KERNEL_FORMATS if plain else ()
+        return _INT_KERNEL_FORMATS + exact
 
     def dc_weight_for(self, fmt) -> float:
         """The objective's dc_weight for `fmt`: as given, or by default 1 for formats with a
@@ -474,9 +481,9 @@ class MSESearch:
         *,
         num_threads: int | None = None,
     ):
-        """The compiled search plus quantize+pack (int4, uint4, int4_ort; mxfp4, mxfp4_ceil, nvfp4
-        with plain squared error): (packed, scales, zero points[, nvfp4's tensor scale]) of each
-        row of `x2d` (float32, float16 or bfloat16), bit for bit the NumPy path's
+        """The compiled search plus quantize+pack (int4, uint4, int4_ort; mxfp4, mxfp4_ceil, nvfp4,
+        fp4_e2m1, nf4 with plain squared error): (packed, scales, zero points[, nvfp4's tensor
+        scale]) of each row of `x2d` (float32, float16 or bfloat16), bit for bit the NumPy path's
         `quantize_tensor(x2d, fmt_name, block_size, clip_ratio=clip_ratio, method=self)`."""
         from .. import kernels
         from ..kernels import search
@@ -489,6 +496,14 @@ class MSESearch:
         x = np.asarray(x2d)
         if x.dtype != np.float32 and x.dtype in kernels.QUANTIZE_DTYPES:
             x = x.astype(np.float32)  # exact; one compiled variant instead of three
+        if fmt_name in _CODEBOOK_KERNEL_FORMATS:  # the same ratios, in order, as `choose_params`
+            from ..kernels import search_codebook
+
+            widen = [clip_ratio * r for r in get_format(fmt_name).search_widen]
+            ratios = np.asarray(self.ratios(clip_ratio) + widen, np.float32)
+            return search_codebook.mse_codebook_rows(
+                fmt_name, x, block_size, ratios, num_threads, kernels
+            )
         if fmt_name in _E2M1_KERNEL_FORMATS:  # the same ratios, in order, as `choose_params`
             from ..kernels import search_e2m1
 
