@@ -181,3 +181,27 @@ def test_mse_never_worse_than_rtn():
         e_mse = search_error(f, blocks, got[1], None, dc_weight=0.0)
         e_rtn = search_error(f, blocks, rtn, None, dc_weight=0.0)
         assert (e_mse <= e_rtn).all() and (e_mse < e_rtn).mean() > 0.05
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 70),
+    spread=st.sampled_from([1.0, 10.0, 1e3, 1e-30]),
+    ratio=st.floats(1e-3, 1.2),
+)
+def test_clip_bound_is_below_the_error(fmt, seed, n, spread, ratio):
+    """The bound that lets the search skip a pass of candidates never exceeds a candidate's
+    error (as the NumPy path computes it): heavy clipping, outliers, tiny values."""
+    from quantize.kernels.search_codebook import clip_bound
+
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * np.exp(rng.standard_normal(n) * np.log(spread + 1)))
+    x = (x * spread).astype(np.float32)
+    amax = np.float32(np.abs(x).max())
+    f = get_format(fmt)
+    top = 6.0 if fmt == "fp4_e2m1" else 1.0
+    scale = np.float32(max(float(amax) * ratio / top, 1e-38))
+    err = search_error(f, x[None, None], np.array([[scale]], np.float32), None, dc_weight=0.0)
+    assert err[0, 0] >= clip_bound(amax, top, scale)

@@ -20,23 +20,22 @@ unchanged), bit for bit:
 Then codes and packing as the rtn kernels (`fp4.quantize_e2m1`'s MODE_FP4, `nf4.quantize_nf4`).
 
 The candidates are the vector lanes and the elements the loop (`search_e2m1._make_lane_sse`,
-as nvfp4's scorer): 32 candidates (two vectors of 16, two independent chains of float64 sums)
-per pass over the block, each lane's sum in order, no lane extracts. fp4_e2m1's quotient x / s
-is taken by the corrected reciprocal, which gives the encoder's codes for s in [_RCP_MIN,
-_RCP_MAX]; other scales, or no FMA, divide.
+as nvfp4's scorer): 16 candidates per pass over the block, each lane's sum in order, no lane
+extracts. fp4_e2m1's quotient x / s is taken by the corrected reciprocal, which gives the
+encoder's codes for s in [_RCP_MIN, _RCP_MAX]; other scales, or no FMA, divide. A pass after
+the first is skipped when none of its scales can win: each clips the block's largest element
+to at most top * s, which alone costs more than the best error so far (`clip_bound`); the
+default grid's last 5 scales (ratios 0.6 .. 0.5) are then never scored at block 32 on normal
+or student-t(4) weights, and in 38-99% of blocks at block 128.
 
-Measured (2026-11-23, 4096x4096 normal float32, a 2-vCPU Intel Xeon with AVX-512 shared with
-other work, one thread, best of 5, rtn's kernel timed in the same run): fp4_e2m1 253 / 194 ms
-at blocks 32 / 128 (rtn 7.9 / 6.8: 32x / 29x), nf4 293 / 239 ms (rtn 8.0 / 6.8: 37x / 35x);
-the NumPy path was 790-2300x rtn. E2M1 rounding with the FPU (`search_e2m1._e2m1_round_vec`
-now) instead of from the bits: 268 / 215 -> 253 / 194 ms. By the number of candidates
-(1024x4096, block 32, fp4_e2m1, one thread): steps 1 (no search): 2.1 ms, 2: 32, 16 (one
-vector of lanes): 40, 17 (two): 60, 21: 63, 32: 68. A vector of 16 candidates costs about
-5 ns per element (~20 512-bit operations: the quotient, E2M1 rounding, float64 error), near
-the vector units' throughput; the per-block work (21 scales, lanes, fold) about 3 ns per
-element at block 32. The issue's target of 10x rtn would need cheaper scoring than one code
-per candidate and element: a float32 ranking (int4's two-stage route) saves only the float64
-part of it.
+Measured (2026-11-23, a 2-vCPU Intel Xeon with AVX-512), 1024x4096 normal float32, one thread,
+CPU ms of the whole search, blocks 16 / 32 / 128 (rtn's kernel 1.5-2.4): fp4_e2m1 113 / 63 /
+49 with the 21 scales in one pass of two vectors, 58 / 41 / 43 with passes of 16 and the skip;
+nf4 92 / 74 / 62 -> 61 / 46 / 39. E2M1 rounding with the FPU (`search_e2m1._e2m1_round_vec`)
+instead of from the bits took 4096x4096 from 268 / 215 to 253 / 194 ms (blocks 32 / 128). A
+vector of 16 candidates costs about 5 ns per element (about 24 512-bit operations: the
+quotient, the rounding, 9 for the float64 error); the per-block work (21 scales, lanes, fold)
+about 3 ns per element at block 32. The NumPy path was 790-2300x rtn's kernel.
 """
 
 from __future__ import annotations
@@ -66,8 +65,8 @@ from .search_e2m1 import _LANE_FMA, _e2m1_round_vec, _fold_least, _make_lane_sse
 
 _ONE = np.float32(1.0)
 _ZERO_CODE = np.int32(7)  # nf4's code of 0 (the padding)
-#: candidates scored per pass over a block (two vectors of lanes)
-_LANES = 2 * _W
+#: candidates scored per pass over a block (one vector of lanes)
+_LANES = _W
 
 
 def _nf4_value(builder, q):
@@ -75,19 +74,15 @@ def _nf4_value(builder, q):
     return _nf4_value_vec(builder, _nf4_code_vec(builder, q))
 
 
-_e2m1_rcp1 = _make_lane_sse("rcp", _e2m1_round_vec, 1)
-_e2m1_rcp2 = _make_lane_sse("rcp", _e2m1_round_vec, 2)
-_e2m1_div1 = _make_lane_sse("div", _e2m1_round_vec, 1)
-_e2m1_div2 = _make_lane_sse("div", _e2m1_round_vec, 2)
-_nf4_mul1 = _make_lane_sse("mul", _nf4_value, 1)
-_nf4_mul2 = _make_lane_sse("mul", _nf4_value, 2)
-_nf4_sel1 = _make_lane_sse("sel", _nf4_value, 1)
-_nf4_sel2 = _make_lane_sse("sel", _nf4_value, 2)
+_lanes_e2m1_rcp = _make_lane_sse("rcp", _e2m1_round_vec)
+_lanes_e2m1_div = _make_lane_sse("div", _e2m1_round_vec)
+_lanes_nf4_mul = _make_lane_sse("mul", _nf4_value)
+_lanes_nf4_sel = _make_lane_sse("sel", _nf4_value)
 
 
 @njit(inline="always")
 def _fill_lanes(sc, g, m, ds):
-    """ds[:32] = sc[g : g + 32] (the last candidate repeated past m); returns (k, rcp): how
+    """ds[:16] = sc[g : g + 16] (the last candidate repeated past m); returns (k, rcp): how
     many are real, whether every real scale is in [_RCP_MIN, _RCP_MAX]."""
     k = min(_LANES, m - g)
     rcp = True
@@ -101,17 +96,12 @@ def _fill_lanes(sc, g, m, ds):
 @njit(inline="always")
 def _fp4_lanes(xb, sc, g, m, ds, errs):
     """errs[:k] = the squared errors of block xb at fp4_e2m1 scales sc[g : g + k] (k up to
-    32, returned): one pass over the block."""
+    16, returned): one pass over the block."""
     k, rcp = _fill_lanes(sc, g, m, ds)
     if rcp and _LANE_FMA:
-        if k <= _W:
-            _e2m1_rcp1(xb, ds, errs)
-        else:
-            _e2m1_rcp2(xb, ds, errs)
-    elif k <= _W:
-        _e2m1_div1(xb, ds, errs)
+        _lanes_e2m1_rcp(xb, ds, errs)
     else:
-        _e2m1_div2(xb, ds, errs)
+        _lanes_e2m1_div(xb, ds, errs)
     return k
 
 
@@ -125,33 +115,44 @@ def _nf4_lanes(xb, sc, g, m, ds, errs):
         for i in range(k):
             inv_ok &= not np.isinf(_div32(_ONE, ds[i]))
     if inv_ok:
-        if k <= _W:
-            _nf4_mul1(xb, ds, errs)
-        else:
-            _nf4_mul2(xb, ds, errs)
-    elif k <= _W:
-        _nf4_sel1(xb, ds, errs)
+        _lanes_nf4_mul(xb, ds, errs)
     else:
-        _nf4_sel2(xb, ds, errs)
+        _lanes_nf4_sel(xb, ds, errs)
     return k
 
 
-@njit(inline="always")
-def _best_fp4(xb, sc, m, ds, errs):
-    """The first of the scales sc[:m] with the least squared error (fp4_e2m1)."""
-    best, best_err = 0, np.inf
-    for g in range(0, m, _LANES):
-        k = _fp4_lanes(xb, sc, g, m, ds, errs)
-        best, best_err = _fold_least(errs[:k], g, m, best, best_err)
-    return sc[best]
+@njit(cache=True)
+def clip_bound(amax, top, s):
+    """A lower bound on the squared error (as `mse.squared_error` computes it) of a block whose
+    largest magnitude is amax (float32) at scale s (float32), for a format whose largest decoded
+    magnitude is top * s (fp4_e2m1: 6, as fl32(6 s); nf4: 1): that element's term alone is at
+    least (amax - top s)^2, and the in-order float64 sum of terms >= 0 is at least any term.
+    Margins (1 + 2^-23 on top * s, 1 - 2^-40 on the square) cover every rounding between."""
+    t = np.float64(amax) - top * np.float64(s) * (1.0 + 2.0**-23)
+    return t * t * (1.0 - 2.0**-40) if t > 0.0 else 0.0
 
 
 @njit(inline="always")
-def _best_nf4(xb, sc, m, ds, errs):
-    """The first of the scales sc[:m] with the least squared error (nf4)."""
+def _all_worse(amax, top, sc, g, m, best_err):
+    """True if none of the scales sc[g:m] can beat `best_err` (`clip_bound`). The smallest
+    scales of the grid (ratios near 0.5) clip the block's largest element the most: on normal
+    and student-t(4) weights their pass was never needed at block 32 and in 38-99% of blocks
+    at block 128 (it is skipped then)."""
+    for i in range(g, m):  # noqa: SIM110 (numba compiles no all() over a generator)
+        if not clip_bound(amax, top, sc[i]) >= best_err:
+            return False
+    return True
+
+
+@njit(inline="always")
+def _best_scale(xb, sc, m, ds, errs, amax, nf4):
+    """The first of the scales sc[:m] with the least squared error (nf4 or fp4_e2m1), 16 a
+    pass; a pass is skipped when `_all_worse` proves none of its scales can win."""
     best, best_err = 0, np.inf
     for g in range(0, m, _LANES):
-        k = _nf4_lanes(xb, sc, g, m, ds, errs)
+        if g > 0 and _all_worse(amax, 1.0 if nf4 else 6.0, sc, g, m, best_err):
+            break
+        k = _nf4_lanes(xb, sc, g, m, ds, errs) if nf4 else _fp4_lanes(xb, sc, g, m, ds, errs)
         best, best_err = _fold_least(errs[:k], g, m, best, best_err)
     return sc[best]
 
@@ -221,8 +222,7 @@ def mse_codebook_kernel(x, packed, scales, ratios, bs, chunk, nf4):
             if m == 1:
                 sr[b] = sc[0]
                 continue
-            xb = xr[s0 : min(s0 + bs, n)]
-            sr[b] = _best_nf4(xb, sc, m, ds, errs) if nf4 else _best_fp4(xb, sc, m, ds, errs)
+            sr[b] = _best_scale(xr[s0 : min(s0 + bs, n)], sc, m, ds, errs, amax, nf4)
         fast_end = max(b0, min(b1, n // bs)) if vec else b0
         if nf4:
             _nf4_codes(xr, pr, sr, b0, fast_end, bs, _ONE, (b1 - b0) * bs)
