@@ -1,5 +1,5 @@
-"""The compiled mse search for mxfp4 / mxfp4_ceil / nvfp4 (`kernels.search_e2m1`) equals the
-NumPy path.
+"""The compiled mse search for mxfp4 / mxfp4_ceil / nvfp4 (`kernels.search_e2m1`), and for
+fp4_e2m1 / nf4 (`kernels.search_codebook`) in the first two tests, equals the NumPy path.
 
 Bit for bit (packed codes, scales): every kind of test matrix (heavy tails, ties, all-zero,
 subnormal, near float32's largest, where the widened candidate's amax * 2 overflows), float16
@@ -25,6 +25,8 @@ from quantize.formats import get_format
 pytest.importorskip("numba")
 
 FORMATS = ["mxfp4", "mxfp4_ceil"]
+#: the float-scale formats of `kernels.search_codebook` (their own tests: test_mse_codebook_kernel)
+CODEBOOK = ["fp4_e2m1", "nf4"]
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
 GRIDS = {
     "steps5-lowest0.3": MSESearch(steps=5, lowest=0.3),
@@ -46,7 +48,7 @@ def _check(method, fmt, x, bs, clip=1.0):
         assert got.tensor_scale is None and want.tensor_scale is None
 
 
-@pytest.mark.parametrize("fmt", [*FORMATS, "nvfp4"])
+@pytest.mark.parametrize("fmt", [*FORMATS, "nvfp4", *CODEBOOK])
 @settings(max_examples=80, deadline=None)
 @given(
     kind=st.sampled_from(MATRIX_KINDS),
@@ -65,13 +67,14 @@ def test_kernel_equals_numpy(fmt, kind, seed, rows, n, bs, dtype, clip):
     _check(get_method("mse"), fmt, x, bs, clip)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", [*FORMATS, *CODEBOOK])
 @pytest.mark.parametrize("search", GRIDS.values(), ids=GRIDS.keys())
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # (NumPy path, huge)
 @pytest.mark.parametrize("kind", ["normal", "student-t", "ties", "huge", "tiny"])
 def test_other_grids_equal_numpy(fmt, search, kind):
     """Any ratio grid is searched exactly: the distinct exponents of all its ratios (a grid
-    down to 0.05 gives more than three per block)."""
+    down to 0.05 gives more than three per block); for fp4_e2m1 / nf4 1, 5 and 40 scales (one
+    to three passes of 16 lanes)."""
     assert fmt in search.kernel_formats
     x = matrix(kind, 5, 6, 200)
     for bs in (32, 33, 16):

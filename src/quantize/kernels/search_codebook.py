@@ -158,28 +158,16 @@ def _best_scale(xb, sc, m, ds, errs, amax, nf4):
 
 
 @njit(cache=True)
-def fp4_candidate_errors(xb, sc):
-    """The squared error (float64) of float32 block xb at each fp4_e2m1 scale of sc, as the
-    search kernel scores it (for the tests: equal to `mse.squared_error`, bit for bit)."""
+def candidate_errors(xb, sc, nf4):
+    """The squared error (float64) of float32 block xb at each scale of sc, fp4_e2m1's (nf4
+    False) or nf4's, as the search kernel scores it (for the tests: equal to
+    `mse.squared_error`, bit for bit)."""
     m = sc.shape[0]
     out = np.empty(m)
     ds = np.empty(_LANES, np.float32)
     errs = np.empty(_LANES, np.float64)
     for g in range(0, m, _LANES):
-        k = _fp4_lanes(xb, sc, g, m, ds, errs)
-        out[g : g + k] = errs[:k]
-    return out
-
-
-@njit(cache=True)
-def nf4_candidate_errors(xb, sc):
-    """As `fp4_candidate_errors`, for nf4."""
-    m = sc.shape[0]
-    out = np.empty(m)
-    ds = np.empty(_LANES, np.float32)
-    errs = np.empty(_LANES, np.float64)
-    for g in range(0, m, _LANES):
-        k = _nf4_lanes(xb, sc, g, m, ds, errs)
+        k = _nf4_lanes(xb, sc, g, m, ds, errs) if nf4 else _fp4_lanes(xb, sc, g, m, ds, errs)
         out[g : g + k] = errs[:k]
     return out
 
