@@ -333,21 +333,21 @@ def _sse3_div(xb, d0, d1, d2):
 _LANE_FMA = _target_has("fma")
 
 
-def _make_lane_sse(quotient: str, value, nvec: int = 1):
+def _make_lane_sse(quotient: str, value):
     """An intrinsic (xb, ds, errs): errs[c] = the squared error (float64, summed in order of
-    the elements) of block xb (float32) at scale ds[c], for the 16 * nvec lanes c at once (ds:
-    float32[>= 16 nvec], errs: float64[>= 16 nvec]); `value(builder, q)`: the format's decoded
-    value of <16 x float> quotients q, before the scale.
+    the elements) of block xb (float32) at scale ds[c], for the 16 lanes c at once (ds:
+    float32[>= 16], errs: float64[>= 16]); `value(builder, q)`: the format's decoded value of
+    <16 x float> quotients q, before the scale.
 
     The candidates are the vector lanes and the elements the loop, so each lane's sum runs in
-    order (`mse.block_sse`) with no lane extracts: one pass over the block for 16 * nvec
-    distinct scales. quotient: "rcp", x / s by the corrected reciprocal of `fp4._codes_blocks`'
-    kind "rcp" (y = x * inv, q = fma(fma(-y, s, x), inv, y)), x / s rounded wherever an E2M1
-    code changes (the midpoints 0.25 .. 5 are half-integers times powers of two, and that
-    quotient's exhaustive check scales exactly by 2^k), so the encoder's codes: only for s in
-    [_RCP_MIN, _RCP_MAX] (every intermediate normal) and with FMA (`_LANE_FMA`), which the
-    callers check; "div", x / s; "mul", x * fl32(1 / s) (NF4's rule); "sel", as "mul" but x / s
-    in the lanes where 1 / s overflows."""
+    order (`mse.block_sse`) with no lane extracts: one pass over the block for 16 distinct
+    scales. quotient: "rcp", x / s by the corrected reciprocal of `fp4._codes_blocks`' kind
+    "rcp" (y = x * inv, q = fma(fma(-y, s, x), inv, y)), x / s rounded wherever an E2M1 code
+    changes (the midpoints 0.25 .. 5 are half-integers times powers of two, and that quotient's
+    exhaustive check scales exactly by 2^k), so the encoder's codes: only for s in [_RCP_MIN,
+    _RCP_MAX] (every intermediate normal) and with FMA (`_LANE_FMA`), which the callers check;
+    "div", x / s; "mul", x * fl32(1 / s) (NF4's rule); "sel", as "mul" but x / s in the lanes
+    where 1 / s overflows."""
     f64 = ir.DoubleType()
     v64 = ir.VectorType(f64, _W)
 
@@ -359,15 +359,11 @@ def _make_lane_sse(quotient: str, value, nvec: int = 1):
             n = builder.extract_value(xarr.shape, 0)
             stride = builder.extract_value(xarr.strides, 0)
             data = lambda ty, a: context.make_array(ty)(context, builder, a).data  # noqa: E731
-            dp = builder.bitcast(data(sig.args[1], da), _VF.as_pointer())
-            dvs = [builder.load(builder.gep(dp, [ir.Constant(ir.IntType(32), k)]), align=4)
-                   for k in range(nvec)]  # fmt: skip
-            ivs = [builder.fdiv(_splat(1.0, _F32), dv) for dv in dvs]
+            dv = builder.load(builder.bitcast(data(sig.args[1], da), _VF.as_pointer()), align=4)
+            iv = builder.fdiv(_splat(1.0, _F32), dv)
+            big = builder.fcmp_ordered("==", iv, _splat(float("inf"), _F32))
             fma = _vfunc(builder, "llvm.fma.v16f32", _VF, [_VF, _VF, _VF])
-            inf = _splat(float("inf"), _F32)
-            bigs = [builder.fcmp_ordered("==", iv, inf) for iv in ivs]
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(v64, [0.0] * _W))
-                    for _ in range(nvec)]  # fmt: skip
+            acc = cgutils.alloca_once_value(builder, ir.Constant(v64, [0.0] * _W))
             undef = ir.Constant(v64, ir.Undefined)
             with cgutils.for_range(builder, n) as loop:
                 ptr = cgutils.get_item_pointer2(
@@ -380,28 +376,26 @@ def _make_lane_sse(quotient: str, value, nvec: int = 1):
                     undef,
                     ir.Constant(_V32, [0] * _W),
                 )
-                for dv, iv, big, acc in zip(dvs, ivs, bigs, accs, strict=True):
-                    if quotient == "rcp":
-                        y = builder.fmul(xv, iv)
-                        r = builder.call(fma, [builder.fneg(y), dv, xv])
-                        q = builder.call(fma, [r, iv, y])
-                    elif quotient == "div":
-                        q = builder.fdiv(xv, dv)
-                    else:
-                        q = builder.fmul(xv, iv)
-                        if quotient == "sel":
-                            q = builder.select(big, builder.fdiv(xv, dv), q)
-                    deq = builder.fmul(value(builder, q), dv)
-                    d = builder.fsub(builder.fpext(deq, v64), x64v)
-                    builder.store(builder.fadd(builder.load(acc), builder.fmul(d, d)), acc)
+                if quotient == "rcp":
+                    y = builder.fmul(xv, iv)
+                    r = builder.call(fma, [builder.fneg(y), dv, xv])
+                    q = builder.call(fma, [r, iv, y])
+                elif quotient == "div":
+                    q = builder.fdiv(xv, dv)
+                else:
+                    q = builder.fmul(xv, iv)
+                    if quotient == "sel":
+                        q = builder.select(big, builder.fdiv(xv, dv), q)
+                deq = builder.fmul(value(builder, q), dv)
+                d = builder.fsub(builder.fpext(deq, v64), x64v)
+                builder.store(builder.fadd(builder.load(acc), builder.fmul(d, d)), acc)
             ep = builder.bitcast(data(sig.args[2], ea), v64.as_pointer())
-            for k, acc in enumerate(accs):
-                builder.store(builder.load(acc), builder.gep(ep, [_c32(k)]), align=8)
+            builder.store(builder.load(acc), ep, align=8)
             return context.get_dummy_value()
 
         return types.void(xb, ds, errs), codegen
 
-    lane_sse.__name__ = lane_sse.__qualname__ = f"lane_sse_{quotient}_{nvec}"
+    lane_sse.__name__ = lane_sse.__qualname__ = f"lane_sse_{quotient}"
     return intrinsic(lane_sse)
 
 
