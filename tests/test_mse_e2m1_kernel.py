@@ -1,5 +1,6 @@
 """The compiled mse search for mxfp4 / mxfp4_ceil / nvfp4 (`kernels.search_e2m1`), and for
-fp4_e2m1 / nf4 (`kernels.search_codebook`) in the first two tests, equals the NumPy path.
+fp4_e2m1 / nf4 (`kernels.search_codebook`) in the property, grid and never-worse tests, equals
+the NumPy path.
 
 Bit for bit (packed codes, scales): every kind of test matrix (heavy tails, ties, all-zero,
 subnormal, near float32's largest, where the widened candidate's amax * 2 overflows), float16
@@ -157,7 +158,7 @@ def test_mse_never_worse_than_rtn():
     from quantize.blocking import to_blocks
 
     x = matrix("student-t", 3, 64, 4096)
-    for fmt in FORMATS:
+    for fmt in [*FORMATS, *CODEBOOK]:
         f = get_format(fmt)
         blocks = to_blocks(x, 32, -1)
         got = get_method("mse").quantize_rows(fmt, x, 32)
@@ -225,7 +226,8 @@ def test_nvfp4_core_dispatch_threads_and_half_input(monkeypatch):
 def test_nvfp4_scales_rising_where_raw_underflows():
     """Blocks so far below the tensor's largest that amax * ratio / (6 ts) underflows to 0 for
     the smaller ratios only: the rule's scale 1 there is a rise in the grid's otherwise falling
-    scales (the kernel's fast distinct-scale scan must notice it)."""
+    scales, which the kernel's scan for distinct scales (it drops repeats of the last one
+    only) must keep without changing the answer."""
     f = get_format("nvfp4")
     big = np.float32(2.0**100)
     ts = f.tensor_scale(np.array([[[big]]], np.float32))

@@ -61,7 +61,7 @@ from .fp4 import (
 )
 from .nf4 import _nf4_code_vec, _nf4_codes, _nf4_div, _nf4_mul, _nf4_value_vec
 from .search import rows_setup
-from .search_e2m1 import _LANE_FMA, _e2m1_round_vec, _fold_least, _make_lane_sse
+from .search_e2m1 import _LANE_FMA, _e2m1_round_vec, _fold_least, _make_lane_sse, _push
 
 _ONE = np.float32(1.0)
 _ZERO_CODE = np.int32(7)  # nf4's code of 0 (the padding)
@@ -170,15 +170,6 @@ def candidate_errors(xb, sc, nf4):
         k = _nf4_lanes(xb, sc, g, m, ds, errs) if nf4 else _fp4_lanes(xb, sc, g, m, ds, errs)
         out[g : g + k] = errs[:k]
     return out
-
-
-@njit(inline="always")
-def _push(sc, m, v):
-    """Append v to sc[:m] unless it equals the last one; the new m."""
-    if m == 0 or sc[m - 1] != v:
-        sc[m] = v
-        return m + 1
-    return m
 
 
 @njit(parallel=True, nogil=True, cache=True)
