@@ -313,7 +313,8 @@ class HalfQuadratic:
                 znew = np.where(active, znew, z).astype(z.dtype)
             err, err_abs = _errors(fmt, x, snew, znew, ts, last_valid)
             band = _band(amax, err, err_abs, wsum) + _band(amax, best, best_abs, wsum)
-            better = err < best - band
+            with np.errstate(invalid="ignore"):  # inf - inf (an overflowed error): not better,
+                better = err < best - band  # as the compiled solver decides it too
             best = np.where(better, err, best)
             best_abs = np.where(better, err_abs, best_abs)
             best_s = np.where(better, snew, best_s).astype(s.dtype)
